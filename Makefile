@@ -1,0 +1,88 @@
+# The BatchNorm Book.  `make book` builds the HTML book; `make test` runs everything CI runs.
+# Both create the virtual environment .venv and install the pinned requirements when needed.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -e -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY = $(VENV)/bin/python
+JB = $(VENV)/bin/jupyter-book
+STAMP = $(VENV)/.stamp-requirements
+PORT ?= 8000
+
+# notebooks of the book (nbval and the hygiene test look at book/ only, never at _build/)
+NOTEBOOKS := $(shell find book -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' 2>/dev/null | sort)
+# `make execute NB=book/transform.ipynb` re-runs one notebook; default: all of them
+NB ?= $(NOTEBOOKS)
+
+NBVAL_CELL_TIMEOUT ?= 600
+# nbval as CI runs it: stored outputs compared (never --nbval-lax), kernel = this venv,
+# a sanitizer only for what legitimately varies (timings)
+NBVAL_FLAGS = --nbval --nbval-current-env --nbval-cell-timeout=$(NBVAL_CELL_TIMEOUT) \
+	--nbval-sanitize-with=tests/nbval_sanitize.cfg -p no:cacheprovider
+# every page rebuilt (an incremental build would not repeat the warnings of unchanged
+# pages), and any Sphinx warning fails the build
+BUILD_FLAGS = --all --warningiserror --keep-going
+
+TIMINGS = _build/timings.txt
+# $(call timed,LABEL,COMMAND): run COMMAND, then record how long it took
+timed = t0=$$(date +%s); $(2); line="[time] $(1): $$(( $$(date +%s) - t0 )) s"; \
+	echo "$$line"; mkdir -p _build; echo "$$line" >> $(TIMINGS)
+
+# ipykernel's debugger otherwise prints a warning about frozen modules
+export PYDEVD_DISABLE_FILE_VALIDATION = 1
+
+.PHONY: help install book test unit nbval build execute serve clean
+
+help:
+	@echo "make book     build the HTML book into _build/html (installs .venv first)"
+	@echo "make test     unit tests, nbval over book/, warning-free book build"
+	@echo "make execute  re-run notebooks in place (NB=book/x.ipynb for one)"
+	@echo "make serve    serve _build/html on http://127.0.0.1:$(PORT)/"
+	@echo "make clean    remove _build and caches (keeps .venv)"
+
+install: $(STAMP)
+
+# idempotent: reinstalls only when requirements.txt or pyproject.toml changed
+$(STAMP): requirements.txt pyproject.toml
+	@if [ ! -x $(PY) ]; then echo "creating $(VENV)"; python3 -m venv $(VENV); fi
+	$(PY) -m pip install --progress-bar off -r requirements.txt
+	@touch $@
+
+book: install
+	$(JB) build . $(BUILD_FLAGS)
+	@echo "The book is at $(CURDIR)/_build/html/index.html (or run: make serve)"
+
+test:
+	@rm -f $(TIMINGS)
+	@$(call timed,install,$(MAKE) --no-print-directory install)
+	@$(call timed,unit tests,$(MAKE) --no-print-directory unit)
+	@$(call timed,nbval,$(MAKE) --no-print-directory nbval)
+	@$(call timed,book build,$(MAKE) --no-print-directory build)
+	@echo "make test passed."; cat $(TIMINGS)
+
+unit: install
+	$(PY) -m pytest tests -p no:cacheprovider
+
+nbval: install
+	@if [ -z "$(NOTEBOOKS)" ]; then \
+		echo "nbval: no notebooks in book/ yet, nothing to check"; \
+	else \
+		echo "$(PY) -m pytest $(NBVAL_FLAGS) book"; \
+		$(PY) -m pytest $(NBVAL_FLAGS) book; \
+	fi
+
+build: install
+	$(JB) build . $(BUILD_FLAGS)
+
+execute: install
+	$(PY) tools/execute_notebooks.py $(NB)
+
+serve:
+	@test -f _build/html/index.html || { echo "no _build/html yet: run make book"; exit 1; }
+	$(or $(wildcard $(PY)),python3) -m http.server $(PORT) --bind 127.0.0.1 --directory _build/html
+
+clean:
+	rm -rf _build .pytest_cache .hypothesis .ruff_cache
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
