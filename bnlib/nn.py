@@ -24,6 +24,18 @@ from . import functional as F
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "convert"]
 
 
+def _stats(x: Tensor, axes: tuple[int, ...], m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean, biased variance, and the centred input ``x - mean``.
+
+    Two passes (mean, then the centred squares): stable, and on CPU several
+    times faster than torch's fused Welford ``var_mean`` over non-trailing axes.
+    """
+    mean = x.mean(axes, keepdim=True)
+    xc = x - mean
+    var = torch.mul(xc, xc).sum(axes, keepdim=True).div_(m)
+    return mean, var, xc
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode BN as an autograd node whose backward is bnlib's closed form.
 
@@ -31,38 +43,74 @@ class BatchNormFunction(torch.autograd.Function):
     the per-channel batch mean and biased variance (the last two are not
     differentiable; the module uses them to update its running statistics).
 
+    This is the fast path of :mod:`bnlib.functional`'s equations for torch
+    tensors. Per channel, with :math:`s = \\gamma/\\sqrt{\\sigma^2+\\epsilon}`,
+    the forward pass is the affine map :math:`y = s\\,(x-\\mu) + \\beta`, and
+    the backward formula of :func:`bnlib.functional.batch_norm_backward`,
+
+    .. math::
+
+        dx = \\frac{s}{m}\\Big(m\\,g - \\textstyle\\sum g - \\hat x \\sum g\\hat x\\Big),
+
+    is regrouped, using :math:`\\hat x = (x-\\mu)/\\sqrt{\\sigma^2+\\epsilon}`, into
+    :math:`dx = s\\,g + b\\,x + c` with per-channel :math:`b, c`: the same
+    formula, evaluated in fewer passes over memory, with in-place updates.
+
     Saved for backward: the input ``x`` (the one input-sized tensor, as in
-    torch's native kernel) and per-channel vectors. The backward pass rebuilds
-    :math:`\\hat x` from them and applies
-    :func:`bnlib.functional.batch_norm_backward`. When a graph of the backward
-    is requested (``create_graph=True``, double backward), it recomputes the
-    forward from ``x`` with differentiable operations first, so the returned
-    gradients are themselves differentiable.
+    torch's native kernel) and per-channel vectors. When a graph of the
+    backward is requested (``create_graph=True``, double backward), the
+    backward recomputes the forward from ``x`` with
+    :func:`bnlib.functional.batch_norm_forward` and applies
+    :func:`bnlib.functional.batch_norm_backward` with differentiable
+    operations, so the returned gradients are differentiable themselves.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        y, cache = F.batch_norm_forward(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, cache.mean, cache.var, cache.inv_std)
-        ctx.eps, ctx.axes, ctx.m = eps, cache.axes, cache.m
-        ctx.has_bias = bias is not None
-        mean, var = cache.mean.reshape(-1), cache.var.reshape(-1)
+        axes = (0, *range(2, x.dim()))
+        m = x.numel() // x.shape[1]
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        mean, var, xc = _stats(xf, axes, m)
+        inv_std = torch.rsqrt(var + eps)
+        scale = inv_std if weight is None else inv_std * weight.reshape(inv_std.shape)
+        y = xc.mul_(scale)  # the centred input is not needed any more: reuse its memory
+        if bias is not None:
+            y.add_(bias.reshape(inv_std.shape))
+        ctx.save_for_backward(x, weight, mean, var, inv_std)
+        ctx.eps, ctx.axes, ctx.m, ctx.has_bias = eps, axes, m, bias is not None
+        mean, var = mean.reshape(-1), var.reshape(-1)
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y.to(x.dtype), mean, var
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean, _dvar):
         x, weight, mean, var, inv_std = ctx.saved_tensors
-        if torch.is_grad_enabled():  # double backward: keep the graph back to x and weight
+        if torch.is_grad_enabled():  # double backward: differentiable ops all the way to x
             _, cache = F.batch_norm_forward(x, weight, None, ctx.eps)
+            dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
         else:
-            x_hat = (x - mean).mul_(inv_std)
-            g = None if weight is None else weight.to(x_hat.dtype).reshape(mean.shape)
-            cache = F.BNCache(x_hat, mean, var, inv_std, g, ctx.eps, ctx.axes, ctx.m)
-        dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
+            dx, dgamma, dbeta = _fast_backward(dy, x, weight, mean, inv_std, ctx.axes, ctx.m)
         dweight = None if weight is None else dgamma.to(weight.dtype)
-        dbias = dbeta.to(weight.dtype if weight is not None else dy.dtype) if ctx.has_bias else None
+        dbias = None
+        if ctx.has_bias:
+            dbias = dbeta.to(weight.dtype if weight is not None else dy.dtype)
         return dx, dweight, dbias, None
+
+
+def _fast_backward(dy, x, weight, mean, inv_std, axes, m):
+    """:func:`bnlib.functional.batch_norm_backward`, regrouped as dx = s·g + b·x + c."""
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    g = dy.float() if low else dy
+    xf = x.float() if low else x
+    dbeta = g.sum(axes, keepdim=True)  # sum g
+    tmp = torch.sub(xf, mean).mul_(g)
+    dgamma = tmp.sum(axes, keepdim=True).mul_(inv_std)  # sum g * x_hat
+    s = inv_std if weight is None else inv_std * weight.reshape(inv_std.shape)
+    # dx = s/m * (m g - dbeta - x_hat dgamma),  x_hat = (x - mean) inv_std
+    b = -s * inv_std * dgamma / m
+    c = -s * dbeta / m - b * mean
+    dx = torch.mul(xf, b, out=tmp).add_(c).addcmul_(g, s)
+    return dx.to(dy.dtype), dgamma.reshape(-1), dbeta.reshape(-1)
 
 
 class _BatchNorm(Module):
