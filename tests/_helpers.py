@@ -59,5 +59,8 @@ def assert_same_state(before: dict, after: dict) -> None:
 def to_numpy(a) -> np.ndarray:
     """NumPy copy of a NumPy array or torch tensor (any device)."""
     if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
+        a = a.detach().cpu()
+        if a.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+            a = a.float()
+        return a.numpy()
     return np.asarray(a)
