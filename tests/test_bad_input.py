@@ -1,0 +1,265 @@
+"""Bad input: torch's exception classes, messages that name the problem, and no state change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _helpers import DEVICES, assert_same_state, state_snapshot
+
+import bnlib.nn as bnn
+from bnlib.functional import batch_norm_backward, batch_norm_forward, batch_norm_inference
+
+C = 4
+TORCH_CLS = {"1d": torch.nn.BatchNorm1d, "2d": torch.nn.BatchNorm2d, "3d": torch.nn.BatchNorm3d}
+BNLIB_CLS = {"1d": bnn.BatchNorm1d, "2d": bnn.BatchNorm2d, "3d": bnn.BatchNorm3d}
+GOOD_SHAPE = {"1d": (6, C, 3), "2d": (3, C, 2, 3), "3d": (2, C, 2, 2, 3)}
+CONFIGS = {
+    "default": {},
+    "momentum_none": {"momentum": None},
+    "no_affine": {"affine": False},
+    "no_track": {"track_running_stats": False},
+}
+
+
+def trained_pair(kind, device="cpu", **kwargs):
+    """torch and bnlib modules with the same non-trivial state (two training steps)."""
+    torch.manual_seed(0)
+    ref = TORCH_CLS[kind](C, device=device, dtype=torch.float64, **kwargs)
+    bn = BNLIB_CLS[kind](C, device=device, dtype=torch.float64, **kwargs)
+    if ref.weight is not None:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-1, 1)
+    bn.load_state_dict(ref.state_dict())
+    for step in range(2):
+        x = 1 + torch.randn(GOOD_SHAPE[kind], dtype=torch.float64, device=device) * (1 + step)
+        for mod in (ref, bn):
+            mod(x.clone().requires_grad_()).sum().backward()  # gradients exist too
+    return ref, bn
+
+
+def check_raises(ref, bn, x, exc, match, torch_raises=True):
+    """bnlib raises ``exc`` matching ``match`` (as torch does, if it does); bnlib's state,
+    parameters and gradients are bitwise unchanged afterwards."""
+    if torch_raises:
+        with pytest.raises(Exception) as info:
+            ref(x.clone())
+        assert type(info.value) is exc, f"torch raised {type(info.value).__name__}"
+    before = state_snapshot(bn)
+    xb = x.clone().requires_grad_(x.is_floating_point())
+    with pytest.raises(exc, match=match):
+        bn(xb)
+    assert_same_state(before, state_snapshot(bn))
+    assert xb.grad is None
+
+
+# ---------------------------------------------------------------------------
+# modules
+# ---------------------------------------------------------------------------
+
+WRONG_RANK = [
+    ("1d", (C,), r"expected 2D or 3D input \(got 1D input\)"),
+    ("1d", (2, C, 3, 3), r"expected 2D or 3D input \(got 4D input\)"),
+    ("2d", (2, C, 3), r"expected 4D input \(got 3D input\)"),
+    ("2d", (2, C, 3, 3, 3), r"expected 4D input \(got 5D input\)"),
+    ("3d", (2, C, 3, 3), r"expected 5D input \(got 4D input\)"),
+    ("3d", (2, C, 2, 2, 2, 2), r"expected 5D input \(got 6D input\)"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("kind, shape, match", WRONG_RANK)
+def test_wrong_rank(kind, shape, match, config, training, device):
+    ref, bn = trained_pair(kind, device, **CONFIGS[config])
+    ref.train(training)
+    bn.train(training)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    check_raises(ref, bn, x, ValueError, match)
+
+
+ONE_VALUE = [("1d", (1, C)), ("1d", (1, C, 1)), ("2d", (1, C, 1, 1)), ("3d", (1, C, 1, 1, 1))]
+MSG_ONE_VALUE = r"Expected more than 1 value per channel when training"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("kind, shape", ONE_VALUE)
+def test_one_value_per_channel_in_training(kind, shape, config, device):
+    ref, bn = trained_pair(kind, device, **CONFIGS[config])
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    check_raises(ref, bn, x, ValueError, MSG_ONE_VALUE)
+    # in eval, without running statistics, batch statistics are used: the same error
+    ref.eval()
+    bn.eval()
+    if not bn.track_running_stats:
+        check_raises(ref, bn, x, ValueError, MSG_ONE_VALUE)
+    else:  # with running statistics, a single example is fine, as in torch
+        torch.testing.assert_close(bn(x), ref(x), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("config", list(CONFIGS) + ["no_affine_no_track"])
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
+@pytest.mark.parametrize("channels", [C - 1, C + 1], ids=["fewer", "more"])
+def test_channel_count_mismatch(kind, channels, config, training, device):
+    kwargs = CONFIGS.get(config, {"affine": False, "track_running_stats": False})
+    ref, bn = trained_pair(kind, device, **kwargs)
+    ref.train(training)
+    bn.train(training)
+    shape = list(GOOD_SHAPE[kind])
+    shape[1] = channels
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    # torch has nothing to compare the channel count with when there are no per-channel
+    # tensors at all; bnlib still checks it against num_features
+    torch_raises = config != "no_affine_no_track"
+    check_raises(ref, bn, x, RuntimeError, r"(?i)channel", torch_raises=torch_raises)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("eps", [0.0, -1e-3], ids=["zero", "negative"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
+def test_non_positive_eps_in_training(kind, config, eps, device):
+    ref, bn = trained_pair(kind, device, **CONFIGS[config])
+    ref.eps = bn.eps = eps
+    x = torch.randn(GOOD_SHAPE[kind], dtype=torch.float64, device=device)
+    check_raises(ref, bn, x, ValueError, r"eps must be positive")
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
+def test_zero_eps_in_eval_with_running_stats_is_allowed(kind):
+    ref, bn = trained_pair(kind)
+    ref.eval()
+    bn.eval()
+    ref.eps = bn.eps = 0.0
+    x = torch.randn(GOOD_SHAPE[kind], dtype=torch.float64)
+    torch.testing.assert_close(bn(x), ref(x), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason="bnlib bug: eval with eps < 0 does not raise (torch: "
+                   "ValueError 'batch_norm eps must be non-negative')")
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
+def test_negative_eps_in_eval_raises_like_torch(kind):
+    ref, bn = trained_pair(kind)
+    ref.eval()
+    bn.eval()
+    ref.eps = bn.eps = -1e-3
+    x = torch.randn(GOOD_SHAPE[kind], dtype=torch.float64)
+    check_raises(ref, bn, x, ValueError, r"eps")
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
+def test_failed_call_then_good_call_matches_torch_without_the_extra_count(kind):
+    """After a rejected batch, training continues as if the bad call never happened."""
+    ref, bn = trained_pair(kind, momentum=None)
+    bad = torch.randn((1, C) + (1,) * (len(GOOD_SHAPE[kind]) - 2), dtype=torch.float64)
+    with pytest.raises(ValueError):
+        bn(bad)  # not given to torch, which would count it
+    x = torch.randn(GOOD_SHAPE[kind], dtype=torch.float64)
+    torch.testing.assert_close(bn(x), ref(x), atol=1e-12, rtol=1e-12)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(bn.state_dict()[k], v, atol=1e-12, rtol=1e-12, msg=k)
+
+
+def test_torch_counts_the_failed_call_and_bnlib_does_not():
+    """The documented difference from torch: a call that raises changes nothing."""
+    ref, bn = trained_pair("2d")
+    bad = torch.randn(1, C, 1, 1, dtype=torch.float64)
+    for mod in (ref, bn):
+        with pytest.raises(ValueError):
+            mod(bad)
+    assert int(ref.num_batches_tracked) == 3
+    assert int(bn.num_batches_tracked) == 2
+
+
+# ---------------------------------------------------------------------------
+# functional API
+# ---------------------------------------------------------------------------
+
+BACKENDS = ["numpy", "torch"]
+
+
+def arr(a, backend):
+    return a if backend == "numpy" else torch.from_numpy(a)
+
+
+def good(backend, shape=(4, C, 3)):
+    rng = np.random.default_rng(0)
+    return (arr(rng.standard_normal(shape), backend), arr(rng.random(C) + 0.5, backend),
+            arr(rng.standard_normal(C), backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["gamma", "beta"])
+@pytest.mark.parametrize("length", [C - 1, C + 1])
+def test_functional_per_channel_vector_of_wrong_length(backend, which, length):
+    x, g, b = good(backend)
+    wrong = arr(np.ones(length), backend)
+    args = (x, wrong, b) if which == "gamma" else (x, g, wrong)
+    with pytest.raises(RuntimeError, match=rf"{C} elements.*\({length},\)"):
+        batch_norm_forward(*args)
+    # torch's functional batch_norm raises the same class
+    xt, gt, bt = (torch.as_tensor(np.asarray(a)) for a in args)
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.batch_norm(xt, None, None, gt, bt, training=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["running_mean", "running_var", "gamma"])
+def test_functional_inference_vector_of_wrong_length(backend, which):
+    x, g, b = good(backend)
+    vecs = {"running_mean": arr(np.zeros(C), backend), "running_var": arr(np.ones(C), backend),
+            "gamma": g}
+    vecs[which] = arr(np.ones(C + 2), backend)
+    with pytest.raises(RuntimeError, match=rf"{C} elements"):
+        batch_norm_inference(x, vecs["gamma"], b, vecs["running_mean"], vecs["running_var"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(C,), ()], ids=["1D", "0D"])
+def test_functional_input_of_rank_below_2(backend, shape):
+    x = arr(np.ones(shape), backend)
+    msg = rf"expected at least 2D input \(got {len(shape)}D input\)"
+    with pytest.raises(ValueError, match=msg):
+        batch_norm_forward(x, None, None)
+    with pytest.raises(ValueError, match=r"at least 2D"):
+        batch_norm_inference(x, None, None, arr(np.zeros(C), backend), arr(np.ones(C), backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")], ids=["zero", "negative", "nan"])
+def test_functional_non_positive_eps(backend, eps):
+    x, g, b = good(backend)
+    with pytest.raises(ValueError, match=r"eps must be positive"):
+        batch_norm_forward(x, g, b, eps=eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, C), (1, C, 1), (1, C, 1, 1)])
+def test_functional_one_value_per_channel(backend, shape):
+    x = arr(np.ones(shape), backend)
+    with pytest.raises(ValueError, match=MSG_ONE_VALUE):
+        batch_norm_forward(x, None, None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("axis", [3, -4])
+def test_functional_channel_axis_out_of_range(backend, axis):
+    x, g, b = good(backend)
+    with pytest.raises(ValueError, match=r"channel_axis"):
+        batch_norm_forward(x, g, b, channel_axis=axis)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_does_not_modify_its_inputs(backend):
+    x, g, b = good(backend)
+    dy = arr(np.random.default_rng(1).standard_normal(tuple(x.shape)), backend)
+    copies = [np.array(np.asarray(a), copy=True) for a in (x, g, b, dy)]
+    _, cache = batch_norm_forward(x, g, b)
+    batch_norm_backward(dy, cache)
+    for a, c in zip((x, g, b, dy), copies, strict=True):
+        assert np.array_equal(np.asarray(a), c)
