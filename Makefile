@@ -25,6 +25,13 @@ NBVAL_FLAGS = --nbval --nbval-current-env --nbval-cell-timeout=$(NBVAL_CELL_TIME
 # pages), and any Sphinx warning fails the build
 BUILD_FLAGS = --all --warningiserror --keep-going
 
+# MathJax 3 served by the book itself (offline-proof): django-static-mathjax's es5/ files
+MATHJAX = _mathjax/mathjax/tex-mml-chtml.js
+# the browser test drives Debian's chromium through Playwright (`playwright install` cannot
+# download browsers here)
+CHROMIUM ?= /usr/bin/chromium
+export CHROMIUM
+
 TIMINGS = _build/timings.txt
 # $(call timed,LABEL,COMMAND): run COMMAND, then record how long it took
 timed = t0=$$(date +%s); $(2); line="[time] $(1): $$(( $$(date +%s) - t0 )) s"; \
@@ -33,11 +40,11 @@ timed = t0=$$(date +%s); $(2); line="[time] $(1): $$(( $$(date +%s) - t0 )) s"; 
 # ipykernel's debugger otherwise prints a warning about frozen modules
 export PYDEVD_DISABLE_FILE_VALIDATION = 1
 
-.PHONY: help install book test unit nbval build execute serve clean
+.PHONY: help install chromium book test unit nbval build browser execute serve clean
 
 help:
 	@echo "make book     build the HTML book into _build/html (installs .venv first)"
-	@echo "make test     unit tests, nbval over book/, warning-free book build"
+	@echo "make test     unit tests, nbval over book/, warning-free book build, browser test"
 	@echo "make execute  re-run notebooks in place (NB=book/x.ipynb for one)"
 	@echo "make serve    serve _build/html on http://127.0.0.1:$(PORT)/"
 	@echo "make clean    remove _build and caches (keeps .venv)"
@@ -50,20 +57,40 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --progress-bar off -r requirements.txt
 	@touch $@
 
-book: install
+$(MATHJAX): $(STAMP)
+	rm -rf _mathjax && mkdir -p _mathjax
+	cp -r "$$($(PY) -c 'import mathjax, pathlib; print(pathlib.Path(mathjax.__file__).parent / "static" / "mathjax" / "es5")')" _mathjax/mathjax
+	@test -f $@
+
+# Debian's chromium for the browser test: installed when missing and we are root (as in CI);
+# otherwise the one command to run is printed and the browser test skips (fails when CI=true)
+chromium:
+	@if [ -x "$(CHROMIUM)" ]; then \
+		echo "chromium: $(CHROMIUM)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "No Chromium at $(CHROMIUM); the browser test will skip. Install it with:"; \
+		echo "    sudo apt-get install -y chromium"; \
+	fi
+
+book: install $(MATHJAX)
 	$(JB) build . $(BUILD_FLAGS)
 	@echo "The book is at $(CURDIR)/_build/html/index.html (or run: make serve)"
 
 test:
 	@rm -f $(TIMINGS)
 	@$(call timed,install,$(MAKE) --no-print-directory install)
+	@$(call timed,chromium,$(MAKE) --no-print-directory chromium)
 	@$(call timed,unit tests,$(MAKE) --no-print-directory unit)
 	@$(call timed,nbval,$(MAKE) --no-print-directory nbval)
 	@$(call timed,book build,$(MAKE) --no-print-directory build)
+	@$(call timed,browser test,$(MAKE) --no-print-directory browser)
 	@echo "make test passed."; cat $(TIMINGS)
 
 unit: install
-	$(PY) -m pytest tests -p no:cacheprovider
+	$(PY) -m pytest tests -m "not browser" -p no:cacheprovider
 
 nbval: install
 	@if [ -z "$(NOTEBOOKS)" ]; then \
@@ -73,8 +100,13 @@ nbval: install
 		$(PY) -m pytest $(NBVAL_FLAGS) book; \
 	fi
 
-build: install
+build: install $(MATHJAX)
 	$(JB) build . $(BUILD_FLAGS)
+
+# the book just built, in headless Chromium; screenshots in _build/screenshots/
+browser: install
+	rm -rf _build/screenshots
+	$(PY) -m pytest tests/test_browser.py -m browser -p no:cacheprovider
 
 execute: install
 	$(PY) tools/execute_notebooks.py $(NB)
@@ -84,5 +116,5 @@ serve:
 	$(or $(wildcard $(PY)),python3) -m http.server $(PORT) --bind 127.0.0.1 --directory _build/html
 
 clean:
-	rm -rf _build .pytest_cache .hypothesis .ruff_cache
+	rm -rf _build _mathjax .pytest_cache .hypothesis .ruff_cache
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

@@ -1,0 +1,42 @@
+"""Small Sphinx fixes for the book (loaded through `sphinx.local_extensions` in _config.yml).
+
+* Jupyter Book 1.0.4 with Sphinx 7.4 writes every script that an extension adds as inline
+  code at `builder-inited` time twice into each page (once registered with filename ``''``,
+  once with ``None``). For sphinx-thebe's ``const THEBE_JS_URL = ...`` the second copy is
+  a JavaScript error on every page ("Identifier 'THEBE_JS_URL' has already been declared"),
+  which the browser test (tests/test_browser.py) catches. Drop the duplicates.
+* autodoc lists a NamedTuple's fields as members that only say "Alias for field number N";
+  the class docstring already documents them. Skip those.
+"""
+
+from __future__ import annotations
+
+
+def _dedupe_scripts(app, pagename, templatename, context, doctree) -> None:
+    scripts = context.get("script_files")
+    if not isinstance(scripts, list):
+        return
+    seen: set[tuple] = set()
+    unique = []
+    for script in scripts:
+        attributes = getattr(script, "attributes", {}) or {}
+        key = (
+            getattr(script, "filename", str(script)) or "",
+            tuple(sorted((k, str(v)) for k, v in attributes.items())),
+        )
+        if key not in seen:
+            seen.add(key)
+            unique.append(script)
+    scripts[:] = unique
+
+
+def _skip_namedtuple_aliases(app, what, name, obj, skip, options):
+    if (getattr(obj, "__doc__", None) or "").startswith("Alias for field number"):
+        return True
+    return None
+
+
+def setup(app):
+    app.connect("html-page-context", _dedupe_scripts, priority=100)
+    app.connect("autodoc-skip-member", _skip_namedtuple_aliases)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
