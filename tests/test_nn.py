@@ -296,7 +296,8 @@ def test_pickling(kind, shape, how):
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize(
     "kind, shape",
-    [("1d", (0, C)), ("1d", (0, C, 5)), ("2d", (0, C, 3, 3)), ("3d", (0, C, 2, 2, 2))],
+    [("1d", (0, C)), ("1d", (0, C, 5)), ("2d", (0, C, 3, 3)), ("3d", (0, C, 2, 2, 2)),
+     ("2d", (2, C, 0, 3))],
 )
 def test_empty_batch(kind, shape, momentum, track, device):
     ref, bn = make_pair(kind, device=device, momentum=momentum, track_running_stats=track)
@@ -329,6 +330,61 @@ def test_empty_batch(kind, shape, momentum, track, device):
             assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == expected
     # and the next real batches still match torch (momentum=None depends on the count)
     run_sequence(ref, bn, full, torch.float64, device, modes="TTE")
+
+
+@pytest.mark.parametrize("params", ["same", "float32"], ids=["all_low", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_low_precision_module(dtype, params):
+    """Half-precision input, with parameters in the same dtype or in float32, as torch allows."""
+    ref, bn = make_pair("2d", dtype=torch.float32)
+    if params == "same":
+        ref, bn = ref.to(dtype), bn.to(dtype)
+    ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+    for i, mode in enumerate("TTE"):
+        ref.train(mode == "T")
+        bn.train(mode == "T")
+        x = make_input((8, C, 4, 4), seed=i).to(dtype)
+        xr, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yb = ref(xr), bn(xb)
+        assert yb.dtype == yr.dtype == dtype
+        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(i)).to(dtype)
+        yr.backward(dy)
+        yb.backward(dy)
+        for a, b, name in ((yb, yr, "y"), (xb.grad, xr.grad, "dx")):
+            assert a.dtype == b.dtype, name
+            a, b = a.float(), b.float()
+            assert torch.all((a - b).abs() <= 2 * ulp * b.abs().clamp(min=1)), name
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            a, b = getattr(bn, name), getattr(ref, name)
+            a, b = (a.grad, b.grad) if name in ("weight", "bias") else (a, b)
+            assert a.dtype == b.dtype, name
+            tol = 2 * ulp if b.dtype == dtype else 1e-4
+            a, b = a.float(), b.float()
+            assert torch.all((a - b).abs() <= tol * b.abs().clamp(min=1)), name
+        ref.zero_grad()
+        bn.zero_grad()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_memory_format(device):
+    ref, bn = make_pair("2d", device=device)
+    x = make_input((4, C, 5, 6), device=device).to(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    check_step(ref, bn, x, torch.float64, seed=0)
+    yr, yb = ref(x), bn(x)
+    assert yb.is_contiguous(memory_format=torch.channels_last) == yr.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kind, shape", CASES)
+def test_training_forward_under_no_grad(kind, shape):
+    ref, bn = make_pair(kind, momentum=None)
+    with torch.no_grad():
+        for i in range(3):
+            x = make_input(shape, seed=i, offset=1 + i)
+            assert_close(bn(x), ref(x))
+    for k, v in ref.state_dict().items():
+        assert_close(bn.state_dict()[k], v, msg=k)
 
 
 # ---------------------------------------------------------------------------
