@@ -152,6 +152,21 @@ def test_negative_eps_in_eval_raises_like_torch(kind):
     check_raises(ref, bn, x, ValueError, r"eps")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bnlib bug: integer input is not rejected like torch's NotImplementedError "
+    "('\"batch_norm\" not implemented for \'Long\''): eval returns a truncated int64 "
+    "tensor, training raises RuntimeError from mean()",
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_integer_input(training):
+    ref, bn = trained_pair("2d")
+    ref.train(training)
+    bn.train(training)
+    x = torch.randint(0, 5, GOOD_SHAPE["2d"])
+    check_raises(ref, bn, x, NotImplementedError, r"(?i)long|int|dtype|floating")
+
+
 @pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
 def test_failed_call_then_good_call_matches_torch_without_the_extra_count(kind):
     """After a rejected batch, training continues as if the bad call never happened."""
