@@ -20,10 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def execute(path: Path, timeout: int = 300) -> float:
     nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:  # no per-run timestamps in the committed notebook (clean diffs)
+        cell.metadata.pop("execution", None)
     client = NotebookClient(
         nb,
         timeout=timeout,
         kernel_name="python3",
+        record_timing=False,
         resources={"metadata": {"path": str(path.parent)}},
     )
     start = time.perf_counter()
