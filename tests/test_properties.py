@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from _helpers import to_numpy
@@ -11,7 +13,9 @@ from hypothesis import strategies as st
 import bnlib.nn as bnn
 from bnlib.functional import batch_norm_backward, batch_norm_forward
 
-SETTINGS = settings(max_examples=40, deadline=None, database=None)
+# BN_HYPOTHESIS_EXAMPLES=2000 for a long local run; the default keeps the suite fast
+EXAMPLES = int(os.environ.get("BN_HYPOTHESIS_EXAMPLES", "40"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None)
 
 
 @st.composite
@@ -55,14 +59,17 @@ def test_gradient_sums_vanish(p):
     axes, m = cache.axes, cache.m
     k = np.abs(gamma * cache.inv_std.ravel())  # |γ| / sqrt(σ² + eps)
     scale = k * m * np.abs(dy).sum(axis=axes) + np.abs(dx).sum(axis=axes)  # size of the terms
-    assert np.all(np.abs(dx.sum(axis=axes)) <= 1e-12 * scale)
+    # x_hat = (x - mean)/sd carries a relative error of about 1e-16 |x|/sd (cancellation)
+    cond = 1 + np.abs(x).max(axis=axes) / np.sqrt(cache.var.ravel())
+    scale = scale * cond
+    assert np.all(np.abs(dx.sum(axis=axes)) <= 1e-13 * scale)
 
     s = (dx * cache.x_hat).sum(axis=axes)
     var = cache.var.ravel()
     # Σ x̂² = m σ²/(σ²+eps), not m, so Σ dx·x̂ = γ/sqrt(σ²+eps) · Σ g x̂ · eps/(σ²+eps)
     eps_term = gamma * cache.inv_std.ravel() * dgamma * eps / (var + eps)
-    assert np.all(np.abs(s - eps_term) <= 1e-12 * scale)
-    assert np.all(np.abs(s) <= np.abs(eps_term) + 1e-12 * scale)
+    assert np.all(np.abs(s - eps_term) <= 1e-13 * scale)
+    assert np.all(np.abs(s) <= np.abs(eps_term) + 1e-13 * scale)
 
 
 @SETTINGS
@@ -133,7 +140,7 @@ KINDS = {2: (torch.nn.BatchNorm1d, bnn.BatchNorm1d), 3: (torch.nn.BatchNorm1d, b
          4: (torch.nn.BatchNorm2d, bnn.BatchNorm2d), 5: (torch.nn.BatchNorm3d, bnn.BatchNorm3d)}
 
 
-@settings(max_examples=25, deadline=None, database=None)
+@settings(max_examples=max(EXAMPLES // 2, 10), deadline=None, database=None)
 @given(problems(), st.sampled_from([0.1, None, 0.5]), st.booleans(), st.booleans())
 def test_module_matches_torch(p, momentum, affine, track):
     """One training step and one eval step of bnlib.nn against torch.nn, float64."""
