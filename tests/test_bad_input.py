@@ -140,8 +140,7 @@ def test_zero_eps_in_eval_with_running_stats_is_allowed(kind):
     torch.testing.assert_close(bn(x), ref(x), atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="bnlib bug: eval with eps < 0 does not raise (torch: "
-                   "ValueError 'batch_norm eps must be non-negative')")
+# Regression test: eval with eps < 0 once returned an output instead of raising.
 @pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
 def test_negative_eps_in_eval_raises_like_torch(kind):
     ref, bn = trained_pair(kind)
@@ -152,12 +151,7 @@ def test_negative_eps_in_eval_raises_like_torch(kind):
     check_raises(ref, bn, x, ValueError, r"eps")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bnlib bug: integer input is not rejected like torch's NotImplementedError "
-    "('\"batch_norm\" not implemented for \'Long\''): eval returns a truncated int64 "
-    "tensor, training raises RuntimeError from mean()",
-)
+# Regression test: integer input once gave a truncated int64 output in eval.
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_integer_input(training):
     ref, bn = trained_pair("2d")

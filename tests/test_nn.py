@@ -140,12 +140,8 @@ def test_large_offset_float32_module(kind, shape):
     assert torch.allclose(bn.running_mean, torch.full((C,), 1e3), rtol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bnlib bug: the fast backward's regrouping dx = s*g + b*x + c loses precision "
-    "at large offsets (b*x and c cancel: b*(x - mean) computed as b*x - b*mean); "
-    "float32 dx error is ~5x torch's native error",
-)
+# Regression test: the fast backward once computed b*(x - mean) as b*x - b*mean,
+# which cancels at large offsets (about 5x torch's error in float32).
 @pytest.mark.parametrize("mix", [0.5, 1.0])
 def test_large_offset_float32_backward_accuracy(mix):
     """dx in float32 at x = 1e4 + N(0, 1) is about as accurate as torch's native kernel.
@@ -239,6 +235,21 @@ def test_old_state_dict_without_num_batches_tracked(kind, metadata):
         assert m.num_batches_tracked.dtype == torch.long
         assert int(m.num_batches_tracked) == 0, cls
         assert torch.all(m.running_mean == 0.25) and torch.all(m.weight == 2.0)
+
+
+def test_old_state_dict_into_trained_module_keeps_count_like_torch():
+    """Loading a pre-version-2 state dict leaves a trained module's counter as it was."""
+    sd = torch.nn.BatchNorm2d(C).state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata[""]["version"] = 1
+    counts = []
+    for cls in (torch.nn.BatchNorm2d, bnn.BatchNorm2d):
+        m = cls(C)
+        for _ in range(3):
+            m(torch.randn(4, C, 2, 2))
+        m.load_state_dict(copy.copy(sd), strict=True)
+        counts.append(int(m.num_batches_tracked))
+    assert counts == [3, 3]
 
 
 def test_current_state_dict_without_num_batches_tracked_is_missing_key():
