@@ -3,7 +3,8 @@
 Run ``python -m bnlib.bench`` (``--help`` for options). For each shape it times
 
 - ``bnlib.functional`` on NumPy arrays (forward + compact backward),
-- ``bnlib.nn`` on torch tensors (module forward + ``backward``),
+- ``bnlib.nn`` on torch tensors (module forward + ``backward``), eager and
+  with :func:`bnlib.nn.use_compiled`,
 - ``torch.nn`` native BatchNorm (the reference),
 
 in float32 on the CPU, and on CUDA too where a GPU is present. The
@@ -36,7 +37,7 @@ def _modules(shape, device):
     return ours[len(shape)](C, device=device), theirs[len(shape)](C, device=device)
 
 
-def _cases(shape, device: str) -> dict[str, Callable[[], None]]:
+def _cases(shape, device: str, compiled: bool) -> dict[str, Callable[[], None]]:
     gen = torch.Generator().manual_seed(0)
     x_cpu = torch.randn(shape, generator=gen)
     dy_cpu = torch.randn(shape, generator=gen)
@@ -60,14 +61,31 @@ def _cases(shape, device: str) -> dict[str, Callable[[], None]]:
             F.batch_norm_backward(dyn, cache)
 
         cases["bnlib.functional (NumPy)"] = numpy_step
-    cases["bnlib.nn (torch)"] = run_module(ours)
+    cases["bnlib.nn (torch, eager)"] = run_module(ours)
+    if compiled:
+        ours_compiled = _modules(shape, device)[0]
+        eager_step = run_module(ours_compiled)
+
+        def compiled_step():
+            bnn.use_compiled(True)
+            try:
+                eager_step()
+            finally:
+                bnn.use_compiled(False)
+
+        cases["bnlib.nn (torch.compile)"] = compiled_step
     cases["torch.nn (native)"] = run_module(native)
     return cases
 
 
-def bench(shape, device: str, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per forward+backward of each implementation, interleaved."""
-    cases = _cases(shape, device)
+def bench(
+    shape, device: str, repeats: int, compiled: bool = True, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per forward+backward of each implementation, interleaved.
+
+    The warm-up rounds absorb torch.compile's compilation.
+    """
+    cases = _cases(shape, device, compiled)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(warmup + repeats):
@@ -85,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed repeats per case")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile variant (it needs a C++ compiler)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,15 +113,15 @@ def main(argv: list[str] | None = None) -> None:
           f"torch threads {torch.get_num_threads()}, repeats {args.repeats}, float32")
     if "cuda" in devices:
         print(f"cuda: {torch.cuda.get_device_name()}")
-    header = f"{'device':6} {'shape':18} {'implementation':26} {'median ms':>10} {'x native':>9}"
+    header = f"{'device':6} {'shape':18} {'implementation':27} {'median ms':>10} {'x native':>9}"
     print(header)
     print("-" * len(header))
     for device in devices:
         for shape in SHAPES:
-            result = bench(shape, device, args.repeats)
+            result = bench(shape, device, args.repeats, compiled=not args.no_compile)
             native = result["torch.nn (native)"]
             for name, sec in result.items():
-                print(f"{device:6} {str(shape):18} {name:26} {sec * 1e3:10.3f} {sec / native:9.2f}")
+                print(f"{device:6} {str(shape):18} {name:27} {sec * 1e3:10.3f} {sec / native:9.2f}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,14 @@ from torch.nn import Module, Parameter, init
 
 from . import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "convert"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormFunction",
+    "convert",
+    "use_compiled",
+]
 
 
 def _stats(x: Tensor, axes: tuple[int, ...], m: int):
@@ -65,6 +72,8 @@ class BatchNormFunction(torch.autograd.Function):
     :math:`dx = s\\,g + b\\,(x-\\mu) + c` with per-channel :math:`b, c`: the same
     formula, evaluated in fewer passes over memory, with in-place updates.
 
+    :func:`use_compiled` runs the same two kernels through ``torch.compile``.
+
     Saved for backward: the input ``x`` (the one input-sized tensor, as in
     torch's native kernel) and per-channel vectors. When a graph of the
     backward is requested (``create_graph=True``, double backward), the
@@ -76,22 +85,13 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        axes = (0, *range(2, x.dim()))
-        m = x.numel() // x.shape[1]
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        mean0, delta, var, xc = _stats(xf, axes, m)
-        inv_std = torch.rsqrt(var + eps)
-        scale = inv_std if weight is None else inv_std * weight.reshape(inv_std.shape)
-        # y = scale * (x - mean) + beta = scale * xc + (beta - scale * delta), in xc's memory
-        shift = -scale * delta
-        if bias is not None:
-            shift = shift + bias.reshape(inv_std.shape)
-        y = xc.mul_(scale).add_(shift)
+        forward_kernel = _compiled_kernels[0] if _compiled_kernels else _fast_forward
+        y, mean0, delta, var, inv_std = forward_kernel(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean0, delta, inv_std)
-        ctx.eps, ctx.axes, ctx.m, ctx.has_bias = eps, axes, m, bias is not None
+        ctx.eps, ctx.has_bias = eps, bias is not None
         mean, var = (mean0 + delta).reshape(-1), var.reshape(-1)
         ctx.mark_non_differentiable(mean, var)
-        return y.to(x.dtype), mean, var
+        return y, mean, var
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean, _dvar):
@@ -100,9 +100,8 @@ class BatchNormFunction(torch.autograd.Function):
             _, cache = F.batch_norm_forward(x, weight, None, ctx.eps)
             dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
         else:
-            dx, dgamma, dbeta = _fast_backward(
-                dy, x, weight, mean0, delta, inv_std, ctx.axes, ctx.m
-            )
+            backward_kernel = _compiled_kernels[1] if _compiled_kernels else _fast_backward
+            dx, dgamma, dbeta = backward_kernel(dy, x, weight, mean0, delta, inv_std)
         dweight = None if weight is None else dgamma.to(weight.dtype)
         dbias = None
         if ctx.has_bias:
@@ -110,12 +109,33 @@ class BatchNormFunction(torch.autograd.Function):
         return dx, dweight, dbias, None
 
 
-def _fast_backward(dy, x, weight, mean0, delta, inv_std, axes, m):
+def _fast_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """Training-mode forward: ``(y, mean0, delta, var, inv_std)``.
+
+    The per-channel results have the broadcast shape ``(1, C, 1, ...)``.
+    """
+    axes = (0, *range(2, x.dim()))
+    m = x.numel() // x.shape[1]
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    mean0, delta, var, xc = _stats(xf, axes, m)
+    inv_std = torch.rsqrt(var + eps)
+    scale = inv_std if weight is None else inv_std * weight.reshape(inv_std.shape)
+    # y = scale * (x - mean) + beta = scale * xc + (beta - scale * delta), in xc's memory
+    shift = -scale * delta
+    if bias is not None:
+        shift = shift + bias.reshape(inv_std.shape)
+    y = xc.mul_(scale).add_(shift)
+    return y.to(x.dtype), mean0, delta, var, inv_std
+
+
+def _fast_backward(dy, x, weight, mean0, delta, inv_std):
     """:func:`bnlib.functional.batch_norm_backward`, regrouped as dx = s·g + b·(x - μ) + c.
 
     ``x - μ`` is evaluated as ``(x - mean0) - delta`` (see :func:`_stats`), the
     ``delta`` folded into per-channel constants.
     """
+    axes = (0, *range(2, x.dim()))
+    m = x.numel() // x.shape[1]
     low = x.dtype in (torch.float16, torch.bfloat16)
     g = dy.float() if low else dy
     xf = x.float() if low else x
@@ -129,6 +149,28 @@ def _fast_backward(dy, x, weight, mean0, delta, inv_std, axes, m):
     c = -s * dbeta / m - b * delta
     dx = xc.mul_(b).add_(c).addcmul_(g, s)
     return dx.to(dy.dtype), dgamma.reshape(-1), dbeta.reshape(-1)
+
+
+_compiled_kernels: tuple | None = None  # in use: (forward, backward), or None for eager
+_compiled_cache: tuple | None = None
+
+
+def use_compiled(enabled: bool = True) -> None:
+    """Run :class:`BatchNormFunction`'s fast kernels through ``torch.compile``.
+
+    The compiled kernels compute the same formulas, fused into a few loops,
+    at the cost of a compilation (tens of seconds on the first call of each
+    input shape, and a C++ compiler on the CPU). Off by default.
+
+    Parameters
+    ----------
+    enabled : bool, default True
+        Switch the compiled kernels on (True) or back to eager (False).
+    """
+    global _compiled_kernels, _compiled_cache
+    if enabled and _compiled_cache is None:
+        _compiled_cache = (torch.compile(_fast_forward), torch.compile(_fast_backward))
+    _compiled_kernels = _compiled_cache if enabled else None
 
 
 class _BatchNorm(Module):
