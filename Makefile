@@ -40,7 +40,7 @@ timed = t0=$$(date +%s); $(2); line="[time] $(1): $$(( $$(date +%s) - t0 )) s"; 
 # ipykernel's debugger otherwise prints a warning about frozen modules
 export PYDEVD_DISABLE_FILE_VALIDATION = 1
 
-.PHONY: help install chromium book test unit nbval build browser execute serve clean
+.PHONY: help install chromium book test lint unit nbval build browser execute serve clean
 
 help:
 	@echo "make book     build the HTML book into _build/html (installs .venv first)"
@@ -83,11 +83,16 @@ test:
 	@rm -f $(TIMINGS)
 	@$(call timed,install,$(MAKE) --no-print-directory install)
 	@$(call timed,chromium,$(MAKE) --no-print-directory chromium)
+	@$(call timed,lint,$(MAKE) --no-print-directory lint)
 	@$(call timed,unit tests,$(MAKE) --no-print-directory unit)
 	@$(call timed,nbval,$(MAKE) --no-print-directory nbval)
 	@$(call timed,book build,$(MAKE) --no-print-directory build)
 	@$(call timed,browser test,$(MAKE) --no-print-directory browser)
 	@echo "make test passed."; cat $(TIMINGS)
+
+# ruff over the library, the tests, the tools and the notebooks' code cells
+lint: install
+	$(VENV)/bin/ruff check .
 
 unit: install
 	$(PY) -m pytest tests -m "not browser" -p no:cacheprovider
