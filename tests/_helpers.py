@@ -6,18 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-#: Parametrize a test over devices with ``@pytest.mark.parametrize("device", DEVICES)``;
-#: the CUDA case runs where CUDA exists and is skipped elsewhere.
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
+
+def cuda_param(value):
+    """A pytest parameter that runs where CUDA exists and is skipped elsewhere."""
+    return pytest.param(
+        value,
         marks=[
             pytest.mark.cuda,
             pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
         ],
-    ),
-]
+    )
+
+
+#: Parametrize a test over devices with ``@pytest.mark.parametrize("device", DEVICES)``.
+DEVICES = ["cpu", cuda_param("cuda")]
 
 #: Parity tolerances with torch.nn, per dtype.
 TOL = {

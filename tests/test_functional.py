@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from _helpers import to_numpy
+from _helpers import cuda_param, to_numpy
 
 from bnlib.functional import (
     BNCache,
@@ -18,17 +18,7 @@ from bnlib.functional import (
 
 SHAPES = [(8, 3), (4, 3, 5), (2, 3, 4, 5), (2, 3, 2, 3, 4)]
 SHAPE_IDS = ["rank2", "rank3", "rank4", "rank5"]
-BACKENDS = [
-    "numpy",
-    "torch-cpu",
-    pytest.param(
-        "torch-cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
+BACKENDS = ["numpy", "torch-cpu", cuda_param("torch-cuda")]
 NP_DTYPE = {"float64": np.float64, "float32": np.float32, "float16": np.float16}
 TORCH_DTYPE = {
     "float64": torch.float64,
