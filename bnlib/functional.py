@@ -10,7 +10,8 @@ Notation (the book's): for one channel, the mini-batch holds ``m`` values
 .. math::
 
     \\mu = \\frac{1}{m}\\sum_i x_i, \\qquad
-    \\sigma^2 = \\frac{1}{m}\\sum_i (x_i - \\mu)^2, \\qquad
+    \\sigma^2 = \\frac{1}{m}\\sum_i (x_i - \\mu)^2,
+
     \\hat x_i = \\frac{x_i - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}, \\qquad
     y_i = \\gamma \\hat x_i + \\beta .
 
@@ -20,7 +21,8 @@ through BN*, is
 .. math::
 
     \\frac{\\partial L}{\\partial \\beta} = \\sum_i g_i, \\qquad
-    \\frac{\\partial L}{\\partial \\gamma} = \\sum_i g_i \\hat x_i, \\qquad
+    \\frac{\\partial L}{\\partial \\gamma} = \\sum_i g_i \\hat x_i,
+
     \\frac{\\partial L}{\\partial x_i} = \\frac{\\gamma}{m\\sqrt{\\sigma^2+\\epsilon}}
         \\Big(m g_i - \\sum_j g_j - \\hat x_i \\sum_j g_j \\hat x_j\\Big),
 
