@@ -31,6 +31,9 @@ __all__ = [
 ]
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)  # computed in float32, as torch does
+
+
 def _stats(x: Tensor, axes: tuple[int, ...], m: int):
     """Per-channel statistics by the corrected two-pass algorithm.
 
@@ -116,7 +119,7 @@ def _fast_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     """
     axes = (0, *range(2, x.dim()))
     m = x.numel() // x.shape[1]
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xf = x.float() if x.dtype in _LOW_PRECISION else x
     mean0, delta, var, xc = _stats(xf, axes, m)
     inv_std = torch.rsqrt(var + eps)
     scale = inv_std if weight is None else inv_std * weight.reshape(inv_std.shape)
@@ -136,7 +139,7 @@ def _fast_backward(dy, x, weight, mean0, delta, inv_std):
     """
     axes = (0, *range(2, x.dim()))
     m = x.numel() // x.shape[1]
-    low = x.dtype in (torch.float16, torch.bfloat16)
+    low = x.dtype in _LOW_PRECISION
     g = dy.float() if low else dy
     xf = x.float() if low else x
     dbeta = g.sum(axes, keepdim=True)  # sum g
