@@ -58,6 +58,7 @@ here: the book's machines have no GPU).
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import socket
 import tempfile
@@ -478,7 +479,7 @@ def run_world(
     args: Sequence[Any] = (),
     timeout: float = 120.0,
     collective_timeout: float = 30.0,
-    start_method: str = "spawn",
+    start_method: str | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` local processes; return their results.
 
@@ -497,8 +498,11 @@ def run_world(
         Seconds for the whole run; after that the processes are terminated.
     collective_timeout : float, default 30
         Seconds a collective may wait for the other ranks.
-    start_method : str, default "spawn"
-        ``"spawn"`` or ``"forkserver"``.
+    start_method : str, optional
+        ``"forkserver"`` (the default where it exists: a server process imports
+        torch and ``fn``'s module once and forks every worker from it, which
+        saves each worker the import) or ``"spawn"`` (a fresh interpreter per
+        worker; the default elsewhere).
 
     Returns
     -------
@@ -514,6 +518,11 @@ def run_world(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if start_method is None:
+        methods = multiprocessing.get_all_start_methods()
+        start_method = "forkserver" if "forkserver" in methods else "spawn"
+    if start_method == "forkserver":  # takes effect when the server starts (once)
+        multiprocessing.set_forkserver_preload(["torch", __name__, fn.__module__])
     with tempfile.TemporaryDirectory() as out_dir:
         port = _free_port()
         context = start_processes(  # type: ignore[no-untyped-call]

@@ -146,15 +146,10 @@ def gradcheck_world(rank: int, world: int, sizes) -> bool:
     return bool(torch.autograd.gradcheck(f, (x, w, b), check_undefined_grad=False))
 
 
-def ddp_digits(rank: int, world: int, steps: int = 6, per_rank: int = 16):
-    """A few SGD steps of DDP on sklearn digits with SyncBatchNorm; final parameters."""
-    from sklearn.datasets import load_digits
-
+def ddp_digits(rank: int, world: int, X, Y, steps: int = 6, per_rank: int = 16):
+    """A few SGD steps of DDP on sklearn digits (X, Y) with SyncBatchNorm; final state."""
     from bnlib.distributed import convert_sync_batchnorm
 
-    data = load_digits()
-    X = torch.tensor(data.data, dtype=torch.float64) / 16
-    Y = torch.tensor(data.target)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
@@ -208,7 +203,7 @@ def main(rank: int, world: int, config: dict):
     if config.get("gradcheck"):
         results["gradcheck"] = gradcheck_world(rank, world, config["gradcheck"])
     if config.get("ddp"):
-        results["ddp"] = ddp_digits(rank, world)
+        results["ddp"] = ddp_digits(rank, world, *config["ddp"])
     if config.get("hang"):
         # a rank that skips a collective: the other fails after the group's timeout
         group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=1))

@@ -30,7 +30,7 @@ WORLDS = {
     2: {
         "sizes": {"uneven": [3, 5], "one-sample": [1, 4]},
         "gradcheck": [3, 2],
-        "ddp": True,
+        "ddp": "digits",
         "hang": True,
     },
     3: {"sizes": {"uneven": [2, 4, 3], "empty-and-single": [4, 0, 1]}, "gradcheck": [3, 0, 1]},
@@ -46,10 +46,19 @@ TORCH_BN = {
 
 
 @functools.cache
+def digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return torch.tensor(data.data, dtype=torch.float64) / 16, torch.tensor(data.target)
+
+
+@functools.cache
 def world_results(world: int) -> list:
-    return run_world(
-        _dist_worker.main, world, args=(WORLDS[world],), timeout=120, collective_timeout=20
-    )
+    config = dict(WORLDS[world])
+    if config.get("ddp"):
+        config["ddp"] = digits()  # loaded once here, not in every process
+    return run_world(_dist_worker.main, world, args=(config,), timeout=120, collective_timeout=20)
 
 
 def reference(sizes, case, seed=0):
@@ -185,11 +194,7 @@ def test_gradcheck_across_processes(world):
 
 def test_ddp_on_digits_equals_single_process_training():
     results = world_results(2)
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    X = torch.tensor(data.data, dtype=torch.float64) / 16
-    Y = torch.tensor(data.target)
+    X, Y = digits()
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
