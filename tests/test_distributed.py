@@ -419,3 +419,15 @@ def test_convert_bnlib_layers():
     weight = model[0].weight
     convert_sync_batchnorm(model)
     assert isinstance(model[0], SyncBatchNorm) and model[0].weight is weight
+
+
+def test_api_page_lists_every_public_name(repo_root):
+    import re
+
+    import bnlib.distributed
+
+    text = (repo_root / "book" / "api.md").read_text(encoding="utf-8")
+    section = text.split(".. currentmodule:: bnlib.distributed", 1)[1].split("```", 1)[0]
+    listed = re.findall(r"^   (\w+)$", section, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(bnlib.distributed.__all__)
+    assert ".. automodule:: bnlib.distributed" in section
