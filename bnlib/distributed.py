@@ -440,11 +440,14 @@ def _entry(
     collective_timeout: float,
     out_dir: str,
     args: tuple[Any, ...],
+    backend: str,
 ) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
+    if backend == "nccl":  # one GPU per rank
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
@@ -480,10 +483,11 @@ def run_world(
     timeout: float = 120.0,
     collective_timeout: float = 30.0,
     start_method: str | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` local processes; return their results.
 
-    Each process joins a gloo process group on 127.0.0.1 (a free port) with
+    Each process joins a process group (gloo by default) on 127.0.0.1 (a free port) with
     collective timeout ``collective_timeout`` seconds, runs with one thread, and
     returns a value that ``torch.save`` can store. ``fn`` must be importable by
     the new processes: a function defined in a module, not in a notebook.
@@ -503,6 +507,10 @@ def run_world(
         torch and ``fn``'s module once and forks every worker from it, which
         saves each worker the import) or ``"spawn"`` (a fresh interpreter per
         worker; the default elsewhere).
+    backend : str, default "gloo"
+        ``"gloo"`` (CPU, and CUDA tensors for some collectives) or ``"nccl"``
+        (rank ``r`` uses GPU ``r``; needs one GPU per rank; untested on the
+        book's machines, which have no GPU).
 
     Returns
     -------
@@ -527,7 +535,7 @@ def run_world(
         port = _free_port()
         context = start_processes(  # type: ignore[no-untyped-call]
             _entry,
-            args=(fn, world_size, port, collective_timeout, out_dir, tuple(args)),
+            args=(fn, world_size, port, collective_timeout, out_dir, tuple(args), backend),
             nprocs=world_size,
             join=False,
             start_method=start_method,

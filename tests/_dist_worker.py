@@ -47,12 +47,17 @@ CASES = [  # (name, ndim, dtype, kwargs, channels_last, steps)
 ]
 
 
-def run_case(rank, sizes, case, group=None, seed=0):
-    """One SyncBatchNorm on this rank's slice: outputs, gradients, buffers per step."""
+def host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy (never a view of a tensor that later steps update in place)."""
+    return t.detach().to("cpu", copy=True)
+
+
+def run_case(rank, sizes, case, group=None, seed=0, device="cpu"):
+    """One SyncBatchNorm on this rank's slice: outputs, gradients, buffers per step (on CPU)."""
     name, ndim, dtype, kwargs, channels_last, steps = case
     C = 3
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    bn = SyncBatchNorm(C, process_group=group, dtype=pdtype, **kwargs)
+    bn = SyncBatchNorm(C, process_group=group, dtype=pdtype, device=device, **kwargs)
     if bn.affine:
         with torch.no_grad():
             bn.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
@@ -60,32 +65,32 @@ def run_case(rank, sizes, case, group=None, seed=0):
     out = []
     for step in range(steps):
         xg, vg = global_batch(seed + 100 * step, sizes, C, ndim, dtype)
-        x = xg[my_slice(rank, sizes)].clone()
+        x = xg[my_slice(rank, sizes)].clone().to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         bn.zero_grad()
         y = bn(x)
-        (y.double() * vg[my_slice(rank, sizes)].double()).sum().backward()
+        (y.double() * vg[my_slice(rank, sizes)].double().to(device)).sum().backward()
         rec = {
-            "y": y.detach(),
-            "dx": x.grad.detach(),
+            "y": host(y),
+            "dx": host(x.grad),
             "y_channels_last": y.is_contiguous(memory_format=torch.channels_last),
             "dx_channels_last": x.grad.is_contiguous(memory_format=torch.channels_last),
         }
         if bn.affine:
-            rec["dw"], rec["db"] = bn.weight.grad.detach().clone(), bn.bias.grad.detach().clone()
+            rec["dw"], rec["db"] = host(bn.weight.grad), host(bn.bias.grad)
         if bn.track_running_stats:
-            rec["rm"] = bn.running_mean.clone()
-            rec["rv"] = bn.running_var.clone()
-            rec["nbt"] = bn.num_batches_tracked.clone()
+            rec["rm"] = host(bn.running_mean)
+            rec["rv"] = host(bn.running_var)
+            rec["nbt"] = host(bn.num_batches_tracked)
         out.append(rec)
     if not bn.track_running_stats:  # eval would use each rank's own batch (tested apart)
         return {"steps": out, "eval": None}
     bn.eval()  # ordinary inference with the (synchronised) running statistics
     xg, _ = global_batch(seed + 7, sizes, C, ndim, dtype)
-    eval_y = bn(xg[my_slice(rank, sizes)])
-    return {"steps": out, "eval": eval_y.detach()}
+    eval_y = bn(xg[my_slice(rank, sizes)].to(device))
+    return {"steps": out, "eval": host(eval_y)}
 
 
 def _error(fn):
@@ -217,6 +222,12 @@ def main(rank: int, world: int, config: dict):
         results["hang"] = (err, time.monotonic() - t0)
         dist.barrier()
     return results
+
+
+def cuda_cases(rank: int, world: int, config: dict):
+    """The cases of one size configuration with CUDA tensors (NCCL world, one GPU per rank)."""
+    sizes = config["sizes"]["uneven"]
+    return {"cases": {("uneven", c[0]): run_case(rank, sizes, c, device="cuda") for c in CASES}}
 
 
 def hang_forever(rank: int, world: int):

@@ -15,7 +15,7 @@ import _dist_worker
 import pytest
 import torch
 from _dist_worker import CASES, global_batch
-from _helpers import assert_close, assert_same_state, state_snapshot
+from _helpers import DEVICES, assert_close, assert_same_state, state_snapshot
 
 import bnlib.nn
 from bnlib.distributed import (
@@ -220,6 +220,24 @@ def test_ddp_on_digits_equals_single_process_training():
     assert (expected["0.weight"] - init).abs().max() > 1e-3
 
 
+def dist_nccl_available() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_nccl_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist_nccl_available()),
+    reason="needs 2 GPUs and NCCL",
+)
+def test_nccl_world_on_cuda():
+    results = run_world(_dist_worker.cuda_cases, 2, args=(WORLDS[2],), backend="nccl", timeout=300)
+    sizes = WORLDS[2]["sizes"]["uneven"]
+    for case in CASES:
+        compare([r["cases"][("uneven", case[0])] for r in results], sizes, case)
+
+
 def test_a_rank_that_skips_a_collective_fails_fast():
     results = world_results(2)
     err, seconds = results[0]["hang"]
@@ -240,10 +258,10 @@ def test_run_world_deadline():
 # -- in one process, no process group --------------------------------------------------------
 
 
-def make_pair(ndim, dtype=torch.float64, **kwargs):
+def make_pair(ndim, dtype=torch.float64, device="cpu", **kwargs):
     torch.manual_seed(0)
-    ref = TORCH_BN[ndim](4, dtype=dtype, **kwargs)
-    ours = SyncBatchNorm(4, dtype=dtype, **kwargs)
+    ref = TORCH_BN[ndim](4, dtype=dtype, device=device, **kwargs)
+    ours = SyncBatchNorm(4, dtype=dtype, device=device, **kwargs)
     if ref.affine:
         with torch.no_grad():
             ref.weight.uniform_(0.5, 1.5)
@@ -255,17 +273,15 @@ def make_pair(ndim, dtype=torch.float64, **kwargs):
 
 @pytest.mark.parametrize("ndim", [2, 3, 4, 5])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_without_process_group_it_is_batchnorm(ndim, momentum):
-    ref, ours = make_pair(ndim, momentum=momentum)
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_process_group_it_is_batchnorm(ndim, momentum, device):
+    ref, ours = make_pair(ndim, momentum=momentum, device=device)
     shape = (6, 4, *(3,) * (ndim - 2))
     for seed in range(2):
-        x = (
-            torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-            * 2
-            + 1
-        )
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(device)
         xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-        v = torch.randn(shape, dtype=torch.float64)
+        v = torch.randn(shape, dtype=torch.float64).to(device)
         yr, yo = ref(xr), ours(xo)
         (yr * v).sum().backward()
         (yo * v).sum().backward()
