@@ -234,6 +234,11 @@ def chapter_world(rank: int, world: int, config: dict[str, Any]) -> dict[str, An
         "world": dist.get_world_size(),
         "check": sync_check(rank, config["sizes"]),
     }
+    try:  # torch's own SyncBatchNorm, on CPU tensors in an initialised process group
+        torch.nn.SyncBatchNorm(3)(torch.randn(4, 3))
+        out["torch_sync"] = "ran"
+    except ValueError as e:
+        out["torch_sync"] = f"ValueError: {e}"
     per, steps, seed, data = config["per"], config["steps"], config["seed"], config["data"]
     out["per-device"] = train(rank, world, "per-device", seed, per, steps, world, data=data)
     out["per-device, no buffer sync"] = train(
