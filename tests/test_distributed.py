@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 
 import _dist_worker
 import pytest
 import torch
 from _dist_worker import CASES, global_batch
 from _helpers import DEVICES, assert_close, assert_same_state, state_snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bnlib.nn
 from bnlib.distributed import (
@@ -382,6 +385,34 @@ def test_merge_moments_float32_beats_the_sum_of_squares():
     s2 = sum((p * p).sum(0) for p in parts)
     naive_error = (((s2 - s1 * s1 / n) / n).double() / truth - 1).abs().max()
     assert chan_error < 1e-4 and naive_error > 1e-2, (chan_error, naive_error)
+
+
+@settings(
+    max_examples=int(os.environ.get("BN_HYPOTHESIS_EXAMPLES", "40")), deadline=None, database=None
+)
+@given(
+    sizes=st.lists(st.integers(0, 6), min_size=1, max_size=6).filter(lambda s: sum(s) > 0),
+    channels=st.integers(1, 3),
+    offset=st.floats(-1e3, 1e3),
+    scale=st.floats(1e-2, 1e2),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_moments_property(sizes, channels, offset, scale, seed):
+    """Any partition (empty parts included) merges to the moments of the whole, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(sizes), channels, generator=g, dtype=torch.float64) * scale + offset
+    parts = torch.split(x, sizes)
+    z = torch.zeros(channels, dtype=torch.float64)
+    count = torch.tensor([[float(len(p))] * channels for p in parts], dtype=torch.float64)
+    mean = torch.stack([p.mean(0) if len(p) else z for p in parts])
+    m2 = torch.stack([((p - p.mean(0)) ** 2).sum(0) if len(p) else z for p in parts])
+    n, mu, M = merge_moments(count, mean, m2)
+    assert torch.equal(n, torch.full((channels,), float(sum(sizes)), dtype=torch.float64))
+    # tolerances relative to the data's magnitude (|offset| + scale), as rounding allows
+    size = abs(offset) + scale
+    torch.testing.assert_close(mu, x.mean(0), atol=1e-12 * size, rtol=0)
+    var = x.var(0, correction=0)
+    torch.testing.assert_close(M / n, var, atol=1e-10 * size * scale, rtol=1e-10)
 
 
 def test_merge_moments_shape_error():
