@@ -478,3 +478,23 @@ def test_api_page_lists_every_public_name(repo_root):
     listed = re.findall(r"^   (\w+)$", section, flags=re.MULTILINE)
     assert sorted(listed) == sorted(bnlib.distributed.__all__)
     assert ".. automodule:: bnlib.distributed" in section
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e2, 1e4])
+def test_float32_accuracy_matches_torch(offset):
+    """float32 at x = offset + N(0, 1): errors against float64 no worse than 2x torch's own."""
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(64, 4, 5, 5, generator=g, dtype=torch.float64) + offset
+    v = torch.randn(x64.shape, generator=g, dtype=torch.float64)
+
+    def run(module, x):
+        x = x.clone().requires_grad_()
+        y = module(x)
+        (y * v.to(x.dtype)).sum().backward()
+        return y.double(), x.grad.double()
+
+    y_ref, dx_ref = run(torch.nn.BatchNorm2d(4).double(), x64)
+    y_torch, dx_torch = run(torch.nn.BatchNorm2d(4), x64.float())
+    y_ours, dx_ours = run(SyncBatchNorm(4), x64.float())
+    for ours, theirs, ref in [(y_ours, y_torch, y_ref), (dx_ours, dx_torch, dx_ref)]:
+        assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max() + 1e-7
