@@ -88,8 +88,10 @@ def _train_forward(
 
     The output is ``y = s * (x - mean0) + (beta - s * delta)`` with
     ``s = gamma / sqrt(var + eps)``, written into the centred copy of ``x``
-    unless that copy is recorded by autograd (then out of place, so that the
-    function is differentiable: the double-backward path uses that).
+    where that is safe (:func:`_plain`); out of place where autograd records
+    (the double-backward path differentiates this function) or under a
+    torch.func transform (an in-place update of an unbatched tensor by a
+    batched one is not allowed).
     """
     axes, bshape, m = _layout(x)
     xf = _compute(x)
@@ -102,10 +104,10 @@ def _train_forward(
     shift = -scale * delta
     if bias is not None:
         shift = shift + bias.reshape(bshape)
-    if xc.requires_grad:
-        y = xc * scale + shift
-    else:
+    if _plain(xc, scale, shift):
         y = xc.mul_(scale).add_(shift)
+    else:
+        y = xc * scale + shift
     return y.to(x.dtype), (mean0 + delta).reshape(-1), var.reshape(-1)
 
 
@@ -132,7 +134,7 @@ def _train_backward(
     ``dweight`` is ``None`` when ``weight`` is; ``dbias`` (``sum g``) is always
     returned, in ``weight``'s dtype (``dy``'s without weight): the caller drops
     it where there is no bias. The input-sized temporaries are updated in place
-    only where that keeps the function differentiable and vmap-safe.
+    only where that is safe (:func:`_plain`).
     """
     axes, bshape, m = _layout(x)
     g = _compute(dy)
@@ -146,7 +148,10 @@ def _train_backward(
     # dx = s/m * (m g - dbeta - x_hat dgamma),  x_hat = (xc - delta) inv_std
     b = -s * inv_std * dgamma / m
     c = -s * dbeta / m - b * delta
-    dx = torch.mul(xc, b).add_(c).addcmul_(g, s)
+    if _plain(xc, b, c, g, s):
+        dx = torch.mul(xc, b).add_(c).addcmul_(g, s)
+    else:  # differentiable, and no in-place op for vmap to fall back on
+        dx = xc * b + c + g * s
     param_dtype = dy.dtype if weight is None else weight.dtype
     dweight = None if weight is None else dgamma.reshape(-1).to(param_dtype)
     return dx.to(dy.dtype), dweight, dbeta.reshape(-1).to(param_dtype)
@@ -177,24 +182,43 @@ def _eval_forward(
     return y.to(x.dtype)
 
 
-def _eager_required(*tensors: Tensor | None) -> bool:
-    """True where only the eager seam code may run: while torch.compile or
-    torch.export traces, while autograd records (a graph of the computation is
-    wanted), or when a tensor is a torch.func wrapper (vmap, grad, jvp levels).
-
-    A fused kernel (see SEAM.md) is an opaque, non-differentiable function of
-    plain tensors; the seam functions may call one only where this is False.
-    """
+def _plain(*tensors: Tensor | None) -> bool:
+    """True when no tensor is recorded by autograd or wrapped by a torch.func
+    transform (vmap, grad, jvp levels): then in-place updates and opaque kernels
+    are safe. False while torch.compile traces (it fuses out-of-place code anyway)."""
     if torch.compiler.is_compiling():
-        return True
+        return False
     grad_on = torch.is_grad_enabled()
     for t in tensors:
         if t is None:
             continue
         if torch._C._functorch.is_functorch_wrapped_tensor(t):
-            return True
+            return False
         if grad_on and t.requires_grad:
+            return False
+    return True
+
+
+def _eager_required(*tensors: Tensor | None) -> bool:
+    """True where only the eager seam code may run: while torch.compile or
+    torch.export traces, while autograd records (a graph of the computation is
+    wanted), or when a tensor is a torch.func wrapper.
+
+    A fused kernel (see SEAM.md) is an opaque, non-differentiable function of
+    plain tensors; a seam function may call one only where this is False.
+    """
+    return not _plain(*tensors)
+
+
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by some enclosing ``torch.func.vmap``."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
             return True
+        t = functorch.get_unwrapped(t)
     return False
 
 
@@ -225,7 +249,69 @@ def _batch_first(t: Tensor, bdim: int | None, size: int) -> Tensor:
     return t.movedim(bdim, 0)
 
 
-class BatchNormFunction(torch.autograd.Function):
+class _TrainingFunction(torch.autograd.Function):
+    """:class:`BatchNormFunction` without its ``jvp`` rule, for torch.compile and
+    torch.export: dynamo cannot trace an ``autograd.Function`` with a custom ``jvp``
+    (a graph break), and traces this one whole."""
+
+    @staticmethod
+    def forward(
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, var = _forward_impl()(x, weight, bias, eps)
+        return y, mean, var
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        x, weight, bias, eps = inputs
+        _, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_forward(x, weight, mean, var)
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:
+        x, weight, mean, var = ctx.saved_tensors
+        backward = _backward_impl()
+        if torch.is_grad_enabled():
+            # a graph of the gradient is wanted (double backward): recompute the
+            # statistics from x, recorded by autograd, and use the eager seam code
+            _, mean, var = _train_forward(x, weight, None, ctx.eps)
+            backward = _train_backward
+        dx, dweight, dbias = backward(dy, x, weight, mean, var, ctx.eps)
+        if ctx.bias_dtype is None:
+            dbias = None
+        elif dbias is not None:
+            dbias = dbias.to(ctx.bias_dtype)
+        return dx, dweight, dbias, None
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple[int | None, ...],
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int | None, int | None]]:
+        size = info.batch_size
+        xb = _batch_first(x, in_dims[0], size)  # (B, N, C, *S); copies if x is unbatched
+        n, c, spatial = xb.shape[1], xb.shape[2], xb.shape[3:]
+        folded = xb.movedim(0, 1).reshape(n, size * c, *spatial)  # (N, B*C, *S)
+        vectors = [
+            None if v is None else _batch_first(v, d, size).reshape(size * c)
+            for v, d in ((weight, in_dims[1]), (bias, in_dims[2]))
+        ]
+        y, mean, var = _apply(BatchNormFunction, folded, vectors[0], vectors[1], eps)
+        y = y.reshape(n, size, c, *spatial)
+        if in_dims[0] is None:  # the statistics of an unbatched x are unbatched too
+            return (y, mean[:c], var[:c]), (1, None, None)
+        return (y, mean.reshape(size, c), var.reshape(size, c)), (1, 0, 0)
+
+
+class BatchNormFunction(_TrainingFunction):
     """Training-mode BN as an autograd node whose backward is bnlib's closed form.
 
     ``BatchNormFunction.apply(x, weight, bias, eps)`` returns ``(y, mean, var)``:
@@ -264,39 +350,6 @@ class BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var = _forward_impl()(x, weight, bias, eps)
-        return y, mean, var
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-        x, weight, bias, eps = inputs
-        _, mean, var = output
-        ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, weight, mean, var)
-        ctx.save_for_forward(x, weight, mean, var)
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:
-        x, weight, mean, var = ctx.saved_tensors
-        backward = _backward_impl()
-        if torch.is_grad_enabled():
-            # a graph of the gradient is wanted (double backward): recompute the
-            # statistics from x, recorded by autograd, and use the eager seam code
-            _, mean, var = _train_forward(x, weight, None, ctx.eps)
-            backward = _train_backward
-        dx, dweight, dbias = backward(dy, x, weight, mean, var, ctx.eps)
-        if ctx.bias_dtype is None:
-            dbias = None
-        elif dbias is not None:
-            dbias = dbias.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None
-
-    @staticmethod
     def jvp(
         ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, _eps_t: Any
     ) -> tuple[Tensor | None, None, None]:
@@ -314,26 +367,18 @@ class BatchNormFunction(torch.autograd.Function):
             y_t = t if y_t is None else y_t + t
         return y_t, None, None
 
-    @staticmethod
-    def vmap(
-        info: Any,
-        in_dims: tuple[int | None, ...],
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-    ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int, int]]:
-        size = info.batch_size
-        xb = _batch_first(x, in_dims[0], size)  # (B, N, C, *S)
-        n, c, spatial = xb.shape[1], xb.shape[2], xb.shape[3:]
-        folded = xb.movedim(0, 1).reshape(n, size * c, *spatial)  # (N, B*C, *S)
-        vectors = [
-            None if v is None else _batch_first(v, d, size).reshape(size * c)
-            for v, d in ((weight, in_dims[1]), (bias, in_dims[2]))
-        ]
-        y, mean, var = BatchNormFunction.apply(folded, vectors[0], vectors[1], eps)
-        y = y.reshape(n, size, c, *spatial)
-        return (y, mean.reshape(size, c), var.reshape(size, c)), (1, 0, 0)
+
+def _apply(
+    function: type[_TrainingFunction],
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``function.apply(x, weight, bias, eps)``, typed."""
+    apply: Any = function.apply
+    y, mean, var = apply(x, weight, bias, eps)
+    return y, mean, var
 
 
 def use_compiled(enabled: bool = True) -> None:
@@ -410,7 +455,7 @@ class _BatchNorm(_TorchBatchNorm):
             # torch.fx keeps torch.nn's own modules as leaves (by module path); record
             # bnlib's as one call_module node too, instead of tracing into forward
             tracer = input.tracer
-            path = tracer.path_of_module(self)  # type: ignore[attr-defined]
+            path = tracer.path_of_module(self)
             node: Tensor = tracer.create_proxy("call_module", path, (input,), {})
             return node
         running_mean, running_var = self.running_mean, self.running_var
@@ -420,9 +465,7 @@ class _BatchNorm(_TorchBatchNorm):
 
         if not use_batch_stats:
             assert running_mean is not None and running_var is not None
-            return _eval_forward(
-                input, running_mean, running_var, self.weight, self.bias, self.eps
-            )
+            return _eval_forward(input, running_mean, running_var, self.weight, self.bias, self.eps)
         update_stats = self.training and self.track_running_stats
         if input.numel() == 0:  # empty batch, as torch: empty output, statistics unchanged
             if update_stats:
@@ -431,11 +474,11 @@ class _BatchNorm(_TorchBatchNorm):
             zeros, ones = input.new_zeros(C), input.new_ones(C)
             return _eval_forward(input, zeros, ones, self.weight, self.bias, self.eps)
 
-        y, mean, var = BatchNormFunction.apply(input, self.weight, self.bias, self.eps)
+        function = _TrainingFunction if torch.compiler.is_compiling() else BatchNormFunction
+        y, mean, var = _apply(function, input, self.weight, self.bias, self.eps)
         if update_stats:
             self._update_running_stats(mean, var, input.numel() // input.shape[1])
-        result: Tensor = y
-        return result
+        return y
 
     def _count_batch(self) -> Tensor:
         count = self.num_batches_tracked
@@ -446,6 +489,14 @@ class _BatchNorm(_TorchBatchNorm):
     def _update_running_stats(self, mean: Tensor, var: Tensor, m: int) -> None:
         running_mean, running_var = self.running_mean, self.running_var
         assert running_mean is not None and running_var is not None
+        if _is_batched(mean) and not (_is_batched(running_mean) and _is_batched(running_var)):
+            raise RuntimeError(
+                f"{type(self).__name__} under torch.func.vmap: the batch statistics are "
+                "batched but running_mean/running_var, which training updates in place, "
+                "are not. Use track_running_stats=False, "
+                "torch.func.replace_all_batch_norm_modules_(model), eval mode, or pass "
+                "batched buffers (torch.func.functional_call)."
+            )
         count = self._count_batch()
         factor = 1.0 / float(count) if self.momentum is None else self.momentum
         unbiased_var = var * (m / (m - 1))
