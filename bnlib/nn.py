@@ -29,6 +29,7 @@ Deliberate differences from torch:
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any
@@ -149,7 +150,7 @@ def _train_backward(
     b = -s * inv_std * dgamma / m
     c = -s * dbeta / m - b * delta
     if _plain(xc, b, c, g, s):
-        dx = torch.mul(xc, b).add_(c).addcmul_(g, s)
+        dx = xc.mul_(b).add_(c).addcmul_(g, s)  # in the temporary xc's memory
     else:  # differentiable, and no in-place op for vmap to fall back on
         dx = xc * b + c + g * s
     param_dtype = dy.dtype if weight is None else weight.dtype
@@ -183,19 +184,13 @@ def _eval_forward(
 
 
 def _plain(*tensors: Tensor | None) -> bool:
-    """True when no tensor is recorded by autograd or wrapped by a torch.func
-    transform (vmap, grad, jvp levels): then in-place updates and opaque kernels
-    are safe. False while torch.compile traces (it fuses out-of-place code anyway)."""
-    if torch.compiler.is_compiling():
+    """True when no tensor is recorded by autograd and no torch.func transform
+    (vmap, grad, jvp) is active: then in-place updates and opaque kernels are
+    safe. False while torch.compile traces (it fuses out-of-place code anyway)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    grad_on = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        if torch._C._functorch.is_functorch_wrapped_tensor(t):
-            return False
-        if grad_on and t.requires_grad:
-            return False
+    if torch.is_grad_enabled():
+        return not any(t is not None and t.requires_grad for t in tensors)
     return True
 
 
@@ -212,7 +207,7 @@ def _eager_required(*tensors: Tensor | None) -> bool:
 
 def _is_batched(t: Tensor) -> bool:
     """Whether ``t`` is batched by some enclosing ``torch.func.vmap``."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
         return False
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t):
@@ -341,12 +336,17 @@ class BatchNormFunction(_TrainingFunction):
       (``create_graph=True``), the statistics are recomputed from ``x`` with
       autograd recording, so the gradients are differentiable themselves.
 
-    Why an ``autograd.Function`` and not a ``torch.library.custom_op``: a
-    custom op has no forward-mode AD rule (``torch.func.jvp`` and
-    ``forward_ad`` would fail), and in eager mode it adds the dispatcher's
-    per-call overhead (measured in the report of issue 11); dynamo traces
-    through an ``autograd.Function`` with ``setup_context``, so
-    ``torch.compile(fullgraph=True)`` and ``torch.export`` work without one.
+    Under ``torch.compile`` and ``torch.export`` the module uses the same Function
+    without its ``jvp`` rule (:class:`_TrainingFunction`): dynamo cannot trace a
+    custom ``jvp`` and would break the graph there.
+
+    Why an ``autograd.Function`` and not a ``torch.library.custom_op``: coverage
+    and speed, both measured by ``tools/function_vs_custom_op.py``. A custom op
+    has no forward-mode AD rule: ``forward_ad`` gives no tangent, and
+    ``torch.func.jvp`` runs but returns a wrong tangent. In eager mode the custom
+    op is also slower per call (the dispatcher, and outputs that may not alias).
+    The Function's own overhead is a few microseconds of ``inspect`` binding per
+    call, which torch adds to every Function with ``setup_context``.
     """
 
     @staticmethod
@@ -366,6 +366,12 @@ class BatchNormFunction(_TrainingFunction):
         for t in terms:
             y_t = t if y_t is None else y_t + t
         return y_t, None, None
+
+
+# Function.apply binds default arguments with inspect.signature on every call when
+# setup_context is defined (tens of microseconds per call); a precomputed signature,
+# which inspect.signature returns as it is, makes that cheap.
+_TrainingFunction.forward.__dict__["__signature__"] = inspect.signature(_TrainingFunction.forward)
 
 
 def _apply(
