@@ -184,13 +184,22 @@ def _eval_forward(
 
 
 def _plain(*tensors: Tensor | None) -> bool:
-    """True when no tensor is recorded by autograd and no torch.func transform
-    (vmap, grad, jvp) is active: then in-place updates and opaque kernels are
-    safe. False while torch.compile traces (it fuses out-of-place code anyway)."""
+    """True when no tensor is recorded by autograd or wrapped by a torch.func
+    transform (vmap, grad, jvp levels; ``is_grads_batched`` hands the backward a
+    legacy batched ``dy`` while no transform is active): then in-place updates and opaque
+    kernels are safe. False while torch.compile traces (it fuses out-of-place code
+    anyway)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    if torch.is_grad_enabled():
-        return not any(t is not None and t.requires_grad for t in tensors)
+    grad_on = torch.is_grad_enabled()
+    functorch = torch._C._functorch
+    for t in tensors:
+        if t is None:
+            continue
+        if grad_on and t.requires_grad:
+            return False
+        if functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t):
+            return False
     return True
 
 
@@ -207,7 +216,7 @@ def _eager_required(*tensors: Tensor | None) -> bool:
 
 def _is_batched(t: Tensor) -> bool:
     """Whether ``t`` is batched by some enclosing ``torch.func.vmap``."""
-    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling():
         return False
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t):
