@@ -207,6 +207,25 @@ CASES = {
 }
 
 
+def case_fx_symbolic_trace(cls):
+    """A plain trace; the BN must be one call_module node."""
+    model = torch.nn.Sequential(make_bn(cls), torch.nn.ReLU())
+    gm = torch.fx.symbolic_trace(model)
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "call_module", "output"]
+    return gm(data()[0])
+
+
+def case_jit_script(cls):
+    return torch.jit.script(make_bn(cls))(data()[0])
+
+
+# in the table only: bnlib refuses TorchScript by design (see test_ecosystem.py)
+TABLE_ONLY = {
+    "torch.fx.symbolic_trace (one node)": case_fx_symbolic_trace,
+    "torch.jit.script": case_jit_script,
+}
+
+
 def _leaves(out) -> list:
     return torch.utils._pytree.tree_leaves(out)
 
@@ -277,7 +296,7 @@ if __name__ == "__main__":  # the table: python tests/test_transforms.py
 
     warnings.simplefilter("ignore")
     rows = []
-    for name, case in CASES.items():
+    for name, case in {**CASES, **TABLE_ONLY}.items():
         results = {}
         outs = {}
         for lib, cls in (("torch.nn", torch.nn.BatchNorm2d), ("bnlib.nn", bnn.BatchNorm2d)):
