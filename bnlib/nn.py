@@ -402,8 +402,8 @@ def use_compiled(enabled: bool = True) -> None:
     The compiled functions compute the same formulas (:func:`_train_forward`,
     :func:`_train_backward`), fused into a few loops, at the cost of a
     compilation (tens of seconds on the first call of each input shape, and a C++
-    compiler on the CPU). Off by default. Ignored inside a ``torch.compile``d
-    model (which compiles the eager code itself) and for double backward.
+    compiler on the CPU). Off by default. Ignored inside a model compiled with
+    ``torch.compile`` (which compiles the eager code itself) and for double backward.
 
     Parameters
     ----------
