@@ -471,6 +471,11 @@ class _BatchNorm(_TorchBatchNorm):
             # bnlib's as one call_module node too, instead of tracing into forward
             tracer = input.tracer
             path = tracer.path_of_module(self)
+            if not path:  # the root itself: torch's BatchNorm cannot be traced alone either
+                raise torch.fx.proxy.TraceError(
+                    f"torch.fx cannot trace a lone {type(self).__name__} (nor torch's): "
+                    "trace a model that contains it, e.g. torch.nn.Sequential(bn)"
+                )
             node: Tensor = tracer.create_proxy("call_module", path, (input,), {})
             return node
         running_mean, running_var = self.running_mean, self.running_var

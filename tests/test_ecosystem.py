@@ -163,6 +163,14 @@ def test_fx_symbolic_trace_keeps_bn_as_one_node():
             assert k == k2 and torch.equal(v, v2), k
 
 
+def test_fx_symbolic_trace_of_a_lone_bn_raises_like_torch():
+    for cls in (torch.nn.BatchNorm2d, bnn.BatchNorm2d):
+        with pytest.raises(torch.fx.proxy.TraceError):
+            torch.fx.symbolic_trace(cls(3))
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(bnn.BatchNorm2d(3)))
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
+
+
 def test_torch_jit_script_raises_a_clear_error():
     torch.jit.script(torch.nn.BatchNorm2d(4))  # torch's own still scripts
     for module in (bnn.BatchNorm2d(4), torch.nn.Sequential(torch.nn.ReLU(), bnn.BatchNorm1d(4))):
