@@ -190,16 +190,18 @@ def train(
     model.eval()
     with torch.no_grad():
         accuracy = float((model(Xt).argmax(1) == Yt).double().mean())
-    recalibrated = _recalibrated_accuracy(model, X, Xt, Yt) if world == 1 else None
+    # the trained state, taken before the recalibration below overwrites the buffers
     tensors = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
     running_mean = _first_bn(model).running_mean
     assert running_mean is not None
+    running_mean = running_mean.clone()
+    recalibrated = _recalibrated_accuracy(model, X, Xt, Yt) if world == 1 else None
     return {
         "accuracy": accuracy,
         "accuracy_recalibrated": recalibrated,
         "noise": noise,
         "tensors": tensors,
-        "running_mean": running_mean.clone(),
+        "running_mean": running_mean,
     }
 
 

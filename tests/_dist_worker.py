@@ -209,6 +209,19 @@ def main(rank: int, world: int, config: dict):
         results["gradcheck"] = gradcheck_world(rank, world, config["gradcheck"])
     if config.get("ddp"):
         results["ddp"] = ddp_digits(rank, world, *config["ddp"])
+    if config.get("demo"):
+        # the book's experiment code: DDP with per-device BN / SyncBN, and the per-device BN
+        # run again without DDP's buffer broadcast
+        from bnlib import _distributed_demo as demo
+
+        kw = dict(seed=1, per=3, steps=4, devices=world, data=config["demo"])
+        results["demo"] = {
+            "per-device": demo.train(rank, world, "per-device", **kw),
+            "per-device, no buffer sync": demo.train(
+                rank, world, "per-device", sync_buffers=False, **kw
+            ),
+            "sync": demo.train(rank, world, "sync", **kw),
+        }
     if config.get("hang"):
         # a rank that skips a collective: the other fails after the group's timeout
         group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=1))

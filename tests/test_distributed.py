@@ -34,6 +34,7 @@ WORLDS = {
         "sizes": {"uneven": [3, 5], "one-sample": [1, 4]},
         "gradcheck": [3, 2],
         "ddp": "digits",
+        "demo": "demo digits",
         "hang": True,
     },
     3: {"sizes": {"uneven": [2, 4, 3], "empty-and-single": [4, 0, 1]}, "gradcheck": [3, 0, 1]},
@@ -61,6 +62,10 @@ def world_results(world: int) -> list:
     config = dict(WORLDS[world])
     if config.get("ddp"):
         config["ddp"] = digits()  # loaded once here, not in every process
+    if config.get("demo"):
+        from bnlib import _distributed_demo as demo
+
+        config["demo"] = demo.digits()
     return run_world(_dist_worker.main, world, args=(config,), timeout=120, collective_timeout=20)
 
 
@@ -221,6 +226,33 @@ def test_ddp_on_digits_equals_single_process_training():
     torch.manual_seed(0)
     init = torch.nn.Linear(64, 32).double().weight
     assert (expected["0.weight"] - init).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["per-device", "sync"])
+def test_chapter_single_process_equivalents_match_the_world_run(mode):
+    """The book's experiment table runs in one process: PerDeviceBatchNorm for per-device BN
+    in DDP, one BN on the whole batch for SyncBN. Both must equal the 2-process DDP runs
+    (rank 0's parameters and buffers), and the returned state is the trained one, not the
+    recalibrated one."""
+    from bnlib import _distributed_demo as demo
+
+    results = world_results(2)
+    single = demo.train(0, 1, mode, seed=1, per=3, steps=4, devices=2, data=demo.digits())
+    ranks = [r["demo"][mode]["tensors"] for r in results]
+    fresh = demo.make_model(1)  # the same initialisation: the runs must have moved from it
+    init = [t.detach() for t in (*fresh.parameters(), *fresh.buffers())]
+    assert (
+        max(float((a - b).abs().max()) for a, b in zip(single["tensors"], init, strict=True)) > 1e-3
+    )
+    for got, want in zip(ranks[0], single["tensors"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    if mode == "sync":  # every rank holds the same buffers without any broadcast
+        for got, want in zip(ranks[1], single["tensors"], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    else:  # the buffer broadcast changes no parameter, and rank 0's buffers not at all
+        quiet = results[0]["demo"]["per-device, no buffer sync"]["tensors"]
+        for got, want in zip(quiet, single["tensors"], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
 def dist_nccl_available() -> bool:
@@ -457,15 +489,17 @@ def test_convert_keeps_objects_and_sharing():
     assert isinstance(converted, SyncBatchNorm) and converted.weight is root.weight
 
 
-@pytest.mark.skipif(
-    not issubclass(bnlib.nn.BatchNorm2d, torch.nn.modules.batchnorm._BatchNorm),
-    reason="bnlib.nn's layers are converted once they subclass torch's _BatchNorm",
-)
 def test_convert_bnlib_layers():
-    model = torch.nn.Sequential(bnlib.nn.BatchNorm2d(3))
-    weight = model[0].weight
+    # bnlib.nn's layers subclass torch's BatchNorm, so they are converted like torch's
+    assert issubclass(bnlib.nn.BatchNorm2d, torch.nn.modules.batchnorm._BatchNorm)
+    model = torch.nn.Sequential(bnlib.nn.BatchNorm2d(3, dtype=torch.float64))
+    weight, running_var = model[0].weight, model[0].running_var
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    y_before = copy.deepcopy(model)(x)
     convert_sync_batchnorm(model)
     assert isinstance(model[0], SyncBatchNorm) and model[0].weight is weight
+    assert model[0].running_var is running_var
+    assert_close(model(x), y_before)
 
 
 def test_api_page_lists_every_public_name(repo_root):
