@@ -532,3 +532,40 @@ def test_float32_accuracy_matches_torch(offset):
     y_ours, dx_ours = run(SyncBatchNorm(4), x64.float())
     for ours, theirs, ref in [(y_ours, y_torch, y_ref), (dx_ours, dx_torch, dx_ref)]:
         assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max() + 1e-7
+
+
+def test_one_collective_per_forward_and_per_backward(monkeypatch):
+    """A simulated world of two identical ranks: one all_gather per forward, one all_reduce per
+    backward, and the result is BN on the batch seen twice."""
+    import bnlib.distributed as bd
+
+    calls: list[str] = []
+
+    def all_gather(parts, local, group=None):
+        calls.append("all_gather")
+        for p in parts:
+            p.copy_(local)
+
+    def all_reduce(t, group=None):
+        calls.append("all_reduce")
+        t.mul_(2)
+
+    monkeypatch.setattr(bd, "_group_size", lambda group: 2)
+    monkeypatch.setattr(bd.dist, "all_gather", all_gather)
+    monkeypatch.setattr(bd.dist, "all_reduce", all_reduce)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    bn = SyncBatchNorm(2, dtype=torch.float64)
+    y = bn(x)
+    (y * v).sum().backward()
+    assert calls == ["all_gather", "all_reduce"]
+
+    ref = torch.nn.BatchNorm1d(2, dtype=torch.float64)
+    x2 = torch.cat([x.detach(), x.detach()]).requires_grad_(True)
+    y2 = ref(x2)
+    (y2 * torch.cat([v, v])).sum().backward()
+    assert_close(y.detach(), y2[:3].detach())
+    assert x.grad is not None and x2.grad is not None
+    assert_close(x.grad, x2.grad[:3])
+    assert_close(bn.running_var, ref.running_var)
