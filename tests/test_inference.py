@@ -547,3 +547,17 @@ def test_is_batch_norm() -> None:
     assert is_batch_norm(nn.BatchNorm2d(2)) and is_batch_norm(bnn.BatchNorm1d(2))
     assert is_batch_norm(nn.SyncBatchNorm(2))
     assert not is_batch_norm(nn.LayerNorm(2)) and not is_batch_norm(nn.GroupNorm(1, 2))
+
+
+def test_api_page_lists_bnlib_inference() -> None:
+    """book/api.md documents every public name of bnlib.inference."""
+    import re
+    from pathlib import Path
+
+    import bnlib.inference
+
+    text = (Path(__file__).resolve().parent.parent / "book" / "api.md").read_text(encoding="utf-8")
+    section = text.split(".. currentmodule:: bnlib.inference", 1)[1].split("```", 1)[0]
+    listed = re.findall(r"^   (\w+)$", section, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(bnlib.inference.__all__)
+    assert ".. automodule:: bnlib.inference" in section
