@@ -47,7 +47,10 @@ __all__ = [
     "unfreeze_batch_norm",
 ]
 
-_BN_BASES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, bnn._BatchNorm)
+# torch's base class, and bnlib's (a subclass of torch's once bnlib.nn derives from it)
+_BN_BASES: tuple[type, ...] = tuple(
+    {nn.modules.batchnorm._BatchNorm, getattr(bnn, "_BatchNorm", nn.modules.batchnorm._BatchNorm)}
+)
 _CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE_TYPES: tuple[type, ...] = (
     nn.ConvTranspose1d,
