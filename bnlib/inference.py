@@ -29,7 +29,7 @@ layer) whose output channel :math:`c` is row :math:`c` of :math:`W`, then
 from __future__ import annotations
 
 import copy
-import types
+import functools
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -555,7 +555,8 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
                 saved[pname] = p.requires_grad
                 p.requires_grad_(False)
         m.__dict__[_FROZEN] = saved
-        m.__dict__["train"] = types.MethodType(_frozen_train, m)
+        # a partial of a module-level function: survives deepcopy and pickling (torch.save)
+        m.__dict__["train"] = functools.partial(_frozen_train, m)
         m.training = False
     return model
 

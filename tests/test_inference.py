@@ -561,3 +561,13 @@ def test_api_page_lists_bnlib_inference() -> None:
     listed = re.findall(r"^   (\w+)$", section, flags=re.MULTILINE)
     assert sorted(listed) == sorted(bnlib.inference.__all__)
     assert ".. automodule:: bnlib.inference" in section
+
+
+def test_frozen_model_survives_save_and_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = freeze_batch_norm(two_bn_net("bnlib"))
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    loaded.train()
+    assert not loaded[1].training and loaded[0].training
+    unfreeze_batch_norm(loaded).train()
+    assert loaded[1].training
