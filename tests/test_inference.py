@@ -342,13 +342,13 @@ def test_recalibrate_methods_differ_beyond_first_layer() -> None:
     assert (model_t[4].running_var - model_l[4].running_var).abs().max() > 1e-3
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=5), seed=st.integers(0, 100))
 def test_recalibrate_does_not_depend_on_how_data_is_split(sizes: list[int], seed: int) -> None:
     """First BN: population statistics of all conv outputs, whatever the batch split."""
     model = two_bn_net("bnlib")
     xs = data(sizes, seed)
-    recalibrate(model, xs, method="layerwise")
+    recalibrate(model, xs)  # first BN: the same in both methods
     with torch.no_grad():
         mean, var = population([model[0](torch.cat(xs))])
     assert_close(model[1].running_mean, mean)
