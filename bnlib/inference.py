@@ -184,8 +184,10 @@ def recalibrate(
     (:math:`\\frac{1}{n-1}\\sum (x-\\bar x)^2` over all :math:`n` values of a
     channel in all batches together, not an average of per-batch variances).
     This is the idea of PreciseBN (Wu & Johnson, 2021). With one batch, the
-    result is exactly that batch's mean and unbiased variance, as one
-    training-mode step with ``momentum=1`` would store.
+    first BN gets exactly that batch's mean and unbiased variance of its
+    input; with ``method="train"`` every BN gets what one training-mode step
+    with ``momentum=1`` would store (with ``"layerwise"``, deeper layers see
+    the eval-mode inputs described below instead).
 
     What "the values its input takes" means for a layer after the first BN
     depends on how the earlier BN layers normalise, and ``method`` chooses:
@@ -195,7 +197,7 @@ def recalibrate(
         normalises a batch with that batch's own statistics, as during
         training, and every layer's population statistics are those of the
         inputs it receives in that regime. Other modules (Dropout, say) run in
-        eval mode.
+        eval mode (``update_bn`` runs them in training mode).
     ``"layerwise"``
         The whole model in eval mode, one pass over the data per BN layer, in
         the order the forward pass first calls them: layer :math:`k`'s
@@ -449,13 +451,19 @@ def fold(model: nn.Module) -> nn.Module:
     hold:
 
     - it tracks running statistics (a BN with ``track_running_stats=False``
-      normalises with batch statistics even in eval mode, so it is kept);
+      normalises with batch statistics even in eval mode, so it is kept), and
+      it is called with its input as the only argument;
     - its input is the output of a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d``
-      (grouped and depthwise included) or ``Linear`` module; for ``Linear``
-      the BN must be a ``BatchNorm1d``, whose channel is the linear layer's
-      output feature on an ``(N, C)`` input (a ``Linear`` applied to a 3D
-      input normalised by ``BatchNorm1d`` over another axis would be folded
-      wrongly; such models are unusual and not detected);
+      (grouped and depthwise included) or ``Linear`` module whose number of
+      output channels (``out_features`` for ``Linear``) equals the BN's
+      ``num_features``, and whose parameters are initialised (a lazy module
+      that never ran is kept);
+    - for ``Linear`` the BN must be a ``BatchNorm1d``, whose channel is the
+      linear layer's output feature on an ``(N, C)`` input. A ``Linear``
+      applied to an ``(N, L, C_in)`` input and followed by a ``BatchNorm1d``
+      over axis 1 is kept when ``out_features`` differs from ``L``, but folded
+      wrongly when the two happen to be equal: the graph carries no shapes, so
+      that case is not detected;
     - that output is used by the BN only, the layer module is called at one
       place only, and its parameters are not read elsewhere in the graph.
 

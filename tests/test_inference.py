@@ -72,6 +72,42 @@ class ConvFeedsSkip(nn.Module):
         return self.bn(h) + h
 
 
+class SharedConvOneBN(nn.Module):
+    """One convolution module called twice, only its first call followed by BN: not foldable."""
+
+    def __init__(self, bn2d: type) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = bn2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.bn(self.conv(x))))
+
+
+class WeightReadDirectly(nn.Module):
+    """The convolution's weight is also read in the forward pass: not foldable."""
+
+    def __init__(self, bn2d: type) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = bn2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.conv.weight.sum()
+
+
+class LinearOverLastAxis(nn.Module):
+    """Linear on (N, 3, 36) gives (N, 3, 5); BatchNorm1d(3) normalises axis 1: not foldable."""
+
+    def __init__(self, bn1d: type) -> None:
+        super().__init__()
+        self.lin = nn.Linear(36, 5)
+        self.bn = bn1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.lin(x.flatten(2)))
+
+
 def plain(bn: tuple[type, ...]) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False),
@@ -145,7 +181,10 @@ ARCHITECTURES = {
     "Linear + BatchNorm1d MLP": (mlp, 0),
     "residual block": (lambda bn: Residual(bn[1]), 0),
     "shared convolution": (lambda bn: SharedConv(bn[1]), 2),
+    "shared convolution, one BN": (lambda bn: SharedConvOneBN(bn[1]), 1),
     "conv output feeds a skip": (lambda bn: ConvFeedsSkip(bn[1]), 1),
+    "conv weight read directly": (lambda bn: WeightReadDirectly(bn[1]), 1),
+    "Linear over the last axis": (lambda bn: LinearOverLastAxis(bn[0]), 1),
     "BN after ReLU": (bn_after_relu, 1),
     "affine=False": (affine_false, 0),
     "track_running_stats=False": (no_running_stats, 1),
