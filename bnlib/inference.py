@@ -237,7 +237,8 @@ def recalibrate(
       statistics; they are left alone (and use batch statistics in both
       modes).
     - The training flag of every module is restored, also when an error is
-      raised; on any error, all BN buffers are restored too.
+      raised; on any error, all BN buffers are restored too. BN layers frozen
+      by :func:`freeze_batch_norm` are recalibrated as well and stay frozen.
     - A model without BN layers that track statistics is returned unchanged
       without reading ``batches``.
 
