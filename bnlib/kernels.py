@@ -49,6 +49,10 @@ as torch computes them. The normalisation subtracts the float64 mean as two
 float32 numbers (``hi + lo``), so ``x - mean`` stays exact when the mean is
 large against the spread (``x = 1e4 + N(0, 1)``).
 
+**Other devices.** Given CUDA tensors, the three functions run the same formulas
+as torch code compiled by ``torch.compile`` (Inductor fuses each pass into one
+kernel); :func:`supports` stays CPU-only, so :mod:`bnlib.nn` uses them on CPU only.
+
 If Numba cannot be imported, :func:`supports` is False, one warning says so,
 and :mod:`bnlib.nn` keeps its eager path. Compiled machine code is cached on
 disk (``cache=True``: in ``__pycache__`` beside this file, or in
@@ -57,9 +61,11 @@ disk (``cache=True``: in ``__pycache__`` beside this file, or in
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -68,6 +74,7 @@ from torch import Tensor
 __all__ = [
     "BLOCK",
     "PARTS",
+    "available",
     "enabled",
     "eval_forward",
     "set_enabled",
@@ -85,14 +92,14 @@ PARTS = 64
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _NATIVE = (torch.float32, torch.float64)
 
+numba: Any  # the module, or None where it cannot be imported
+_IMPORT_ERROR: Exception | None = None
 try:
-    import numba
-    from numba import njit, prange
+    numba = importlib.import_module("numba")
 except Exception as error:  # pragma: no cover - exercised by monkeypatching in the tests
-    numba = None
-    _IMPORT_ERROR: Exception | None = error
-else:
-    _IMPORT_ERROR = None
+    numba, _IMPORT_ERROR = None, error
+njit: Any = None if numba is None else numba.njit
+prange = range if numba is None else numba.prange
 
 _enabled = True
 _warned = False
@@ -174,16 +181,29 @@ def _functorch_active() -> bool:
 # Reductions may be reassociated (so LLVM vectorises the sums, in an order fixed at
 # compile time); element-wise code keeps IEEE semantics, so (x - hi) - lo stays as written.
 _REDUCE = {"reassoc", "nsz", "contract"}
+#: The kernels' arrays: NumPy arrays (typed loosely: Numba, not mypy, checks the loops).
+Array = Any
 
 
-def _jit(**options: Any) -> Any:
-    if numba is None:
-        return lambda f: f
-    return njit(cache=True, **options)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _jit(**options: Any) -> Callable[[_F], _F]:
+    """``numba.njit`` with an on-disk cache (without one where no directory is writable)."""
+
+    def decorate(f: _F) -> _F:
+        if numba is None:
+            return f
+        try:
+            return cast(_F, njit(cache=True, **options)(f))
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return cast(_F, njit(**options)(f))
+
+    return decorate
 
 
 @_jit(fastmath=_REDUCE)
-def block_stats(v):  # type: ignore[no-untyped-def]
+def block_stats(v: Array) -> tuple[float, float]:
     """Mean and sum of squared deviations of a short 1-D block, corrected two-pass.
 
     Both sums run in ``v``'s dtype over a block that sits in the cache; the
@@ -205,7 +225,9 @@ def block_stats(v):  # type: ignore[no-untyped-def]
 
 
 @_jit()
-def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):  # type: ignore[no-untyped-def]
+def chan_merge(
+    n_a: float, mean_a: float, m2_a: float, n_b: float, mean_b: float, m2_b: float
+) -> tuple[float, float, float]:
     """Merge the (count, mean, M2) of two groups exactly (Chan, Golub & LeVeque)."""
     n = n_a + n_b
     delta = mean_b - mean_a
@@ -215,7 +237,7 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):  # type: ignore[no-untyped
 
 
 @_jit()
-def row_stats(row):  # type: ignore[no-untyped-def]
+def row_stats(row: Array) -> tuple[float, float]:
     """(mean, M2) of one contiguous row: block by block, merged in order."""
     count, mean, m2 = 0.0, 0.0, 0.0
     for start in range(0, row.size, BLOCK):
@@ -226,7 +248,7 @@ def row_stats(row):  # type: ignore[no-untyped-def]
 
 
 @_jit(parallel=True)
-def planar_stats(x):  # type: ignore[no-untyped-def]
+def planar_stats(x: Array) -> tuple[Array, Array]:
     """Per-channel mean and biased variance of x viewed as (N, C, L): one pass."""
     N, C, L = x.shape
     row_mean = np.empty((N, C))
@@ -246,7 +268,7 @@ def planar_stats(x):  # type: ignore[no-untyped-def]
 
 
 @_jit(parallel=True)
-def planar_normalise(x, hi, lo, scale, shift, y):  # type: ignore[no-untyped-def]
+def planar_normalise(x: Array, hi: Array, lo: Array, scale: Array, shift: Array, y: Array) -> None:
     """y = ((x - hi) - lo) * scale + shift per channel, for x viewed as (N, C, L)."""
     N, C, L = x.shape
     for r in prange(N * C):
@@ -257,7 +279,7 @@ def planar_normalise(x, hi, lo, scale, shift, y):  # type: ignore[no-untyped-def
 
 
 @_jit(fastmath=_REDUCE)
-def _row_grad_sums(g, x, hi):  # type: ignore[no-untyped-def]
+def _row_grad_sums(g: Array, x: Array, hi: float) -> tuple[float, float]:
     """sum g and sum g * (x - hi) over one row, block sums in the row's dtype."""
     sum_g, sum_gx = 0.0, 0.0
     for start in range(0, x.size, BLOCK):
@@ -273,7 +295,7 @@ def _row_grad_sums(g, x, hi):  # type: ignore[no-untyped-def]
 
 
 @_jit(parallel=True)
-def planar_grad_sums(g, x, hi):  # type: ignore[no-untyped-def]
+def planar_grad_sums(g: Array, x: Array, hi: Array) -> tuple[Array, Array]:
     """Per-channel sum g and sum g * (x - hi) for g, x viewed as (N, C, L): one pass."""
     N, C, L = x.shape
     row_g = np.empty((N, C))
@@ -285,7 +307,9 @@ def planar_grad_sums(g, x, hi):  # type: ignore[no-untyped-def]
 
 
 @_jit(parallel=True)
-def planar_grad_input(g, x, hi, a, b, c0, dx):  # type: ignore[no-untyped-def]
+def planar_grad_input(
+    g: Array, x: Array, hi: Array, a: Array, b: Array, c0: Array, dx: Array
+) -> None:
     """dx = a * g + b * (x - hi) + c0 per channel, for g, x viewed as (N, C, L)."""
     N, C, L = x.shape
     for r in prange(N * C):
@@ -303,7 +327,7 @@ def _parts(M: int, C: int) -> tuple[int, int]:
 
 
 @_jit(fastmath=_REDUCE)
-def _interleaved_block_stats(x, acc, dev, dev2):  # type: ignore[no-untyped-def]
+def _interleaved_block_stats(x: Array, acc: Array, dev: Array, dev2: Array) -> None:
     """Corrected two-pass sums of a block of rows of an (rows, C) matrix, per channel."""
     rows, C = x.shape
     acc[:] = 0
@@ -321,7 +345,7 @@ def _interleaved_block_stats(x, acc, dev, dev2):  # type: ignore[no-untyped-def]
 
 
 @_jit(parallel=True)
-def interleaved_stats(x, rows_per_block, blocks_per_part):  # type: ignore[no-untyped-def]
+def interleaved_stats(x: Array, rows_per_block: int, blocks_per_part: int) -> tuple[Array, Array]:
     """Per-channel mean and biased variance of an (M, C) matrix: one pass.
 
     Each part (a fixed group of blocks) runs on one thread and merges its blocks
@@ -362,7 +386,9 @@ def interleaved_stats(x, rows_per_block, blocks_per_part):  # type: ignore[no-un
 
 
 @_jit(parallel=True)
-def interleaved_normalise(x, hi, lo, scale, shift, y, rows_per_block):  # type: ignore[no-untyped-def]
+def interleaved_normalise(
+    x: Array, hi: Array, lo: Array, scale: Array, shift: Array, y: Array, rows_per_block: int
+) -> None:
     """y = ((x - hi) - lo) * scale + shift per channel, for an (M, C) matrix."""
     M, C = x.shape
     for blk in prange(-(-M // rows_per_block)):
@@ -372,7 +398,9 @@ def interleaved_normalise(x, hi, lo, scale, shift, y, rows_per_block):  # type: 
 
 
 @_jit(parallel=True)
-def interleaved_grad_sums(g, x, hi, rows_per_block, blocks_per_part):  # type: ignore[no-untyped-def]
+def interleaved_grad_sums(
+    g: Array, x: Array, hi: Array, rows_per_block: int, blocks_per_part: int
+) -> tuple[Array, Array]:
     """Per-channel sum g and sum g * (x - hi) of (M, C) matrices: one pass, fixed order."""
     M, C = x.shape
     rows_per_part = rows_per_block * blocks_per_part
@@ -401,7 +429,9 @@ def interleaved_grad_sums(g, x, hi, rows_per_block, blocks_per_part):  # type: i
 
 
 @_jit(parallel=True)
-def interleaved_grad_input(g, x, hi, a, b, c0, dx, rows_per_block):  # type: ignore[no-untyped-def]
+def interleaved_grad_input(
+    g: Array, x: Array, hi: Array, a: Array, b: Array, c0: Array, dx: Array, rows_per_block: int
+) -> None:
     """dx = a * g + b * (x - hi) + c0 per channel, for (M, C) matrices."""
     M, C = x.shape
     for blk in prange(-(-M // rows_per_block)):

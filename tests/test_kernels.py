@@ -282,3 +282,18 @@ def test_device_paths_match_functional(device):
         for g, e in zip((y, mean, var, dx, dw, db), want, strict=True):
             torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(ev(x, mean, var, w, b, EPS), y, atol=1e-10, rtol=1e-10)
+
+
+def test_no_writable_cache_directory_still_compiles(monkeypatch):
+    """numba raises at decoration when no cache location is writable; _jit compiles uncached."""
+    import numba.core.caching as caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+
+    def total(v):
+        return v.sum()
+
+    with pytest.raises(RuntimeError, match="no locator"):
+        kernels.njit(cache=True)(total)
+    compiled = kernels._jit()(total)
+    assert compiled(np.arange(4.0)) == 6.0
