@@ -63,6 +63,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -100,6 +102,14 @@ except Exception as error:  # pragma: no cover - exercised by monkeypatching in 
     numba, _IMPORT_ERROR = None, error
 njit: Any = None if numba is None else numba.njit
 prange = range if numba is None else numba.prange
+
+# Numba's own thread pool ("workqueue") rather than its OpenMP one, unless the user chose:
+# torch runs its own OpenMP runtime, and two OpenMP pools whose idle threads spin-wait
+# take the cores from each other (measured: several times slower on a busy 2-core machine).
+# That pool must not be entered by two threads at once, hence the lock.
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+_lock = threading.Lock()
 
 _enabled = True
 _warned = False
@@ -507,24 +517,25 @@ def train_forward(
     """
     if x.device.type != "cpu":
         return _device_train_forward(x, weight, bias, eps)
-    _set_threads(x)
-    layout = _layout(x)
-    assert layout is not None, "unsupported layout: check kernels.supports(x) first"
-    xc = _compute(x)
-    xv = _view(xc, layout)
-    C = x.shape[1]
-    if layout == "planar":
-        mean, var = planar_stats(xv)
-    else:
-        mean, var = interleaved_stats(xv, *_parts(*xv.shape))
-    inv_std = 1.0 / np.sqrt(var + eps)
-    scale = _vector(weight, C, 1.0) * inv_std
-    y = _normalise(xc, layout, mean, scale, _vector(bias, C, 0.0))
-    return (
-        y.to(x.dtype),
-        torch.from_numpy(mean).to(xc.dtype),
-        torch.from_numpy(var).to(xc.dtype),
-    )
+    with _lock:  # one caller at a time in Numba's thread pool
+        _set_threads(x)
+        layout = _layout(x)
+        assert layout is not None, "unsupported layout: check kernels.supports(x) first"
+        xc = _compute(x)
+        xv = _view(xc, layout)
+        C = x.shape[1]
+        if layout == "planar":
+            mean, var = planar_stats(xv)
+        else:
+            mean, var = interleaved_stats(xv, *_parts(*xv.shape))
+        inv_std = 1.0 / np.sqrt(var + eps)
+        scale = _vector(weight, C, 1.0) * inv_std
+        y = _normalise(xc, layout, mean, scale, _vector(bias, C, 0.0))
+        return (
+            y.to(x.dtype),
+            torch.from_numpy(mean).to(xc.dtype),
+            torch.from_numpy(var).to(xc.dtype),
+        )
 
 
 def train_backward(
@@ -542,39 +553,40 @@ def train_backward(
     """
     if x.device.type != "cpu":
         return _device_train_backward(dy, x, weight, mean, var, eps)
-    _set_threads(x)
-    layout = _layout(x)
-    assert layout is not None, "unsupported layout: check kernels.supports(x) first"
-    xc = _compute(x)
-    g = _compute(dy).to(xc.dtype)
-    if g.stride() != xc.stride():  # dy in another memory format: match x's
-        g = torch.empty_like(xc).copy_(g)
-    xv, gv = _view(xc, layout), _view(g, layout)
-    C = x.shape[1]
-    m = x.numel() // C
-    mu = _vector(mean, C, 0.0)
-    hi = mu.astype(xv.dtype)
-    if layout == "planar":
-        sum_g, sum_gx = planar_grad_sums(gv, xv, hi)
-    else:
-        sum_g, sum_gx = interleaved_grad_sums(gv, xv, hi, *_parts(*xv.shape))
-    sum_gx -= (mu - hi) * sum_g  # sum g * (x - mean), from sum g * (x - hi)
-    inv_std = 1.0 / np.sqrt(_vector(var, C, 0.0) + eps)
-    dweight = inv_std * sum_gx  # sum g * x_hat
-    a = _vector(weight, C, 1.0) * inv_std
-    b = -a * inv_std * dweight / m
-    c0 = -a * sum_g / m + b * (hi - mu)  # the (hi - mean) offset of x - hi folded in
-    dx = torch.empty_like(xc)
-    dxv = _view(dx, layout)
-    dt = xv.dtype
-    if layout == "planar":
-        planar_grad_input(gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv)
-    else:
-        rows, _ = _parts(*xv.shape)
-        interleaved_grad_input(gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv, rows)
-    pdtype = weight.dtype if weight is not None else xc.dtype
-    dw = None if weight is None else torch.from_numpy(dweight).to(pdtype)
-    return dx.to(dy.dtype), dw, torch.from_numpy(sum_g).to(pdtype)
+    with _lock:  # one caller at a time in Numba's thread pool
+        _set_threads(x)
+        layout = _layout(x)
+        assert layout is not None, "unsupported layout: check kernels.supports(x) first"
+        xc = _compute(x)
+        g = _compute(dy).to(xc.dtype)
+        if g.stride() != xc.stride():  # dy in another memory format: match x's
+            g = torch.empty_like(xc).copy_(g)
+        xv, gv = _view(xc, layout), _view(g, layout)
+        C = x.shape[1]
+        m = x.numel() // C
+        mu = _vector(mean, C, 0.0)
+        hi = mu.astype(xv.dtype)
+        if layout == "planar":
+            sum_g, sum_gx = planar_grad_sums(gv, xv, hi)
+        else:
+            sum_g, sum_gx = interleaved_grad_sums(gv, xv, hi, *_parts(*xv.shape))
+        sum_gx -= (mu - hi) * sum_g  # sum g * (x - mean), from sum g * (x - hi)
+        inv_std = 1.0 / np.sqrt(_vector(var, C, 0.0) + eps)
+        dweight = inv_std * sum_gx  # sum g * x_hat
+        a = _vector(weight, C, 1.0) * inv_std
+        b = -a * inv_std * dweight / m
+        c0 = -a * sum_g / m + b * (hi - mu)  # the (hi - mean) offset of x - hi folded in
+        dx = torch.empty_like(xc)
+        dxv = _view(dx, layout)
+        dt = xv.dtype
+        if layout == "planar":
+            planar_grad_input(gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv)
+        else:
+            rows, _ = _parts(*xv.shape)
+            interleaved_grad_input(gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv, rows)
+        pdtype = weight.dtype if weight is not None else xc.dtype
+        dw = None if weight is None else torch.from_numpy(dweight).to(pdtype)
+        return dx.to(dy.dtype), dw, torch.from_numpy(sum_g).to(pdtype)
 
 
 def eval_forward(
@@ -588,13 +600,16 @@ def eval_forward(
     """Inference, one pass: ``(x - mean) * weight / sqrt(var + eps) + bias``, given statistics."""
     if x.device.type != "cpu":
         return _device_eval_forward(x, running_mean, running_var, weight, bias, eps)
-    _set_threads(x)
-    layout = _layout(x)
-    assert layout is not None, "unsupported layout: check kernels.supports(x) first"
-    C = x.shape[1]
-    scale = _vector(weight, C, 1.0) / np.sqrt(_vector(running_var, C, 0.0) + eps)
-    y = _normalise(_compute(x), layout, _vector(running_mean, C, 0.0), scale, _vector(bias, C, 0.0))
-    return y.to(x.dtype)
+    with _lock:  # one caller at a time in Numba's thread pool
+        _set_threads(x)
+        layout = _layout(x)
+        assert layout is not None, "unsupported layout: check kernels.supports(x) first"
+        C = x.shape[1]
+        scale = _vector(weight, C, 1.0) / np.sqrt(_vector(running_var, C, 0.0) + eps)
+        y = _normalise(
+            _compute(x), layout, _vector(running_mean, C, 0.0), scale, _vector(bias, C, 0.0)
+        )
+        return y.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -297,3 +297,15 @@ def test_no_writable_cache_directory_still_compiles(monkeypatch):
         kernels.njit(cache=True)(total)
     compiled = kernels._jit()(total)
     assert compiled(np.arange(4.0)) == 6.0
+
+
+def test_concurrent_callers_get_correct_results():
+    """Numba's workqueue pool must not be entered twice at once: the kernels serialise."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [make((8, 4, 40, 40), seed=s, dtype=torch.float32) for s in range(4)]
+    want = [kernels.train_forward(x, None, None, EPS)[0] for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: kernels.train_forward(x, None, None, EPS)[0], xs * 3))
+    for i, y in enumerate(got):
+        assert torch.equal(y, want[i % 4])
