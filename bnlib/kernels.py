@@ -289,31 +289,35 @@ def planar_normalise(x: Array, hi: Array, lo: Array, scale: Array, shift: Array,
 
 
 @_jit(fastmath=_REDUCE)
-def _row_grad_sums(g: Array, x: Array, hi: float) -> tuple[float, float]:
-    """sum g and sum g * (x - hi) over one row, block sums in the row's dtype."""
-    sum_g, sum_gx = 0.0, 0.0
+def _row_grad_sums(g: Array, x: Array, hi: float) -> tuple[float, float, float]:
+    """sum g, sum g * (x - hi) and sum (x - hi) over one row, block sums in the row's dtype."""
+    sum_g, sum_gx, sum_x = 0.0, 0.0, 0.0
     for start in range(0, x.size, BLOCK):
         stop = min(start + BLOCK, x.size)
         bg = x.dtype.type(0)
         bgx = x.dtype.type(0)
+        bx = x.dtype.type(0)
         for i in range(start, stop):
+            xc = x[i] - hi
             bg += g[i]
-            bgx += g[i] * (x[i] - hi)
+            bgx += g[i] * xc
+            bx += xc
         sum_g += float(bg)
         sum_gx += float(bgx)
-    return sum_g, sum_gx
+        sum_x += float(bx)
+    return sum_g, sum_gx, sum_x
 
 
 @_jit(parallel=True)
-def planar_grad_sums(g: Array, x: Array, hi: Array) -> tuple[Array, Array]:
-    """Per-channel sum g and sum g * (x - hi) for g, x viewed as (N, C, L): one pass."""
+def planar_grad_sums(g: Array, x: Array, hi: Array) -> tuple[Array, Array, Array]:
+    """Per-channel sums of g, g * (x - hi) and x - hi for g, x viewed as (N, C, L): one pass."""
     N, C, L = x.shape
-    row_g = np.empty((N, C))
-    row_gx = np.empty((N, C))
+    sums = np.empty((3, N, C))
     for r in prange(N * C):
         n, c = r // C, r % C
-        row_g[n, c], row_gx[n, c] = _row_grad_sums(g[n, c], x[n, c], hi[c])
-    return row_g.sum(axis=0), row_gx.sum(axis=0)
+        sums[0, n, c], sums[1, n, c], sums[2, n, c] = _row_grad_sums(g[n, c], x[n, c], hi[c])
+    total = sums.sum(axis=1)  # over the N rows of each channel, in order
+    return total[0], total[1], total[2]
 
 
 @_jit(parallel=True)
@@ -410,32 +414,34 @@ def interleaved_normalise(
 @_jit(parallel=True)
 def interleaved_grad_sums(
     g: Array, x: Array, hi: Array, rows_per_block: int, blocks_per_part: int
-) -> tuple[Array, Array]:
-    """Per-channel sum g and sum g * (x - hi) of (M, C) matrices: one pass, fixed order."""
+) -> tuple[Array, Array, Array]:
+    """Per-channel sums of g, g * (x - hi) and x - hi of (M, C) matrices: one pass, fixed order."""
     M, C = x.shape
     rows_per_part = rows_per_block * blocks_per_part
     n_parts = -(-M // rows_per_part)
-    part_g = np.zeros((n_parts, C))
-    part_gx = np.zeros((n_parts, C))
+    part = np.zeros((n_parts, 3, C))
     for p in prange(n_parts):
         bg = np.empty(C, x.dtype)
         bgx = np.empty(C, x.dtype)
+        bx = np.empty(C, x.dtype)
         for start in range(p * rows_per_part, min(M, (p + 1) * rows_per_part), rows_per_block):
             bg[:] = 0
             bgx[:] = 0
+            bx[:] = 0
             for r in range(start, min(M, start + rows_per_block)):
                 for c in range(C):
+                    xc = x[r, c] - hi[c]
                     bg[c] += g[r, c]
-                    bgx[c] += g[r, c] * (x[r, c] - hi[c])
+                    bgx[c] += g[r, c] * xc
+                    bx[c] += xc
             for c in range(C):
-                part_g[p, c] += bg[c]
-                part_gx[p, c] += bgx[c]
-    sum_g = np.zeros(C)
-    sum_gx = np.zeros(C)
-    for p in range(n_parts):
-        sum_g += part_g[p]
-        sum_gx += part_gx[p]
-    return sum_g, sum_gx
+                part[p, 0, c] += bg[c]
+                part[p, 1, c] += bgx[c]
+                part[p, 2, c] += bx[c]
+    total = np.zeros((3, C))
+    for p in range(n_parts):  # in order
+        total += part[p]
+    return total[0], total[1], total[2]
 
 
 @_jit(parallel=True)
@@ -547,7 +553,9 @@ def train_backward(
     :math:`\\sum g` (``dbias``) and :math:`\\sum g\\hat x` (``dweight``) of the
     first pass, the second pass evaluates
     :math:`dx = s\\,g - \\frac{s}{m}\\big(\\sum g + \\hat x \\sum g\\hat x\\big)`
-    as ``a * g + b * (x - mean) + c`` with per-channel ``a, b, c``.
+    as ``a * g + b * (x - mean) + c`` with per-channel ``a, b, c``. The first
+    pass also sums ``x - mean``, which corrects a ``mean`` rounded to float32
+    (as in the corrected two-pass algorithm), so large offsets cost no accuracy.
     ``dweight`` is None when ``weight`` is None; ``dbias`` is always returned
     (the caller drops it when there is no bias).
     """
@@ -564,18 +572,19 @@ def train_backward(
         xv, gv = _view(xc, layout), _view(g, layout)
         C = x.shape[1]
         m = x.numel() // C
-        mu = _vector(mean, C, 0.0)
-        hi = mu.astype(xv.dtype)
+        hi = _vector(mean, C, 0.0).astype(xv.dtype)
         if layout == "planar":
-            sum_g, sum_gx = planar_grad_sums(gv, xv, hi)
+            sum_g, sum_gx, sum_x = planar_grad_sums(gv, xv, hi)
         else:
-            sum_g, sum_gx = interleaved_grad_sums(gv, xv, hi, *_parts(*xv.shape))
-        sum_gx -= (mu - hi) * sum_g  # sum g * (x - mean), from sum g * (x - hi)
+            sum_g, sum_gx, sum_x = interleaved_grad_sums(gv, xv, hi, *_parts(*xv.shape))
+        # the given mean may be rounded (float32): the exact one is hi + delta
+        delta = sum_x / m
+        sum_gxc = sum_gx - delta * sum_g  # sum g * (x - mean)
         inv_std = 1.0 / np.sqrt(_vector(var, C, 0.0) + eps)
-        dweight = inv_std * sum_gx  # sum g * x_hat
+        dweight = inv_std * sum_gxc  # sum g * x_hat
         a = _vector(weight, C, 1.0) * inv_std
         b = -a * inv_std * dweight / m
-        c0 = -a * sum_g / m + b * (hi - mu)  # the (hi - mean) offset of x - hi folded in
+        c0 = -a * sum_g / m - b * delta  # b * (x - mean) = b * (x - hi) - b * delta
         dx = torch.empty_like(xc)
         dxv = _view(dx, layout)
         dt = xv.dtype
@@ -584,7 +593,7 @@ def train_backward(
         else:
             rows, _ = _parts(*xv.shape)
             interleaved_grad_input(gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv, rows)
-        pdtype = weight.dtype if weight is not None else xc.dtype
+        pdtype = weight.dtype if weight is not None else dy.dtype
         dw = None if weight is None else torch.from_numpy(dweight).to(pdtype)
         return dx.to(dy.dtype), dw, torch.from_numpy(sum_g).to(pdtype)
 
