@@ -76,6 +76,7 @@ from torch import Tensor
 __all__ = [
     "BLOCK",
     "PARTS",
+    "ROW_BLOCK",
     "available",
     "enabled",
     "eval_forward",
@@ -87,6 +88,8 @@ __all__ = [
 
 #: Values per channel in one block: small enough to stay in the L1 cache.
 BLOCK = 4096
+#: Interleaved layout: values in one block of rows (all channels): it stays in the L2 cache.
+ROW_BLOCK = 1 << 15
 #: Interleaved layout: the rows are split into at most this many groups of blocks,
 #: reduced in parallel and merged in order (a number independent of the thread count).
 PARTS = 64
@@ -335,7 +338,7 @@ def planar_grad_input(
 
 def _parts(M: int, C: int) -> tuple[int, int]:
     """Interleaved layout: (rows per block, blocks per part), from the shape only."""
-    rows = max(1, BLOCK // C)
+    rows = max(1, ROW_BLOCK // C)
     blocks = -(-M // rows)
     return rows, -(-blocks // PARTS)
 
@@ -379,14 +382,17 @@ def interleaved_stats(x: Array, rows_per_block: int, blocks_per_part: int) -> tu
             block = x[start : min(M, start + rows_per_block)]
             k = float(block.shape[0])
             _interleaved_block_stats(block, acc, dev, dev2)
+            # chan_merge for every channel at once: the counts are the same for all
+            n = part_count[p] + k
+            f_b, f_ab = k / n, part_count[p] * k / n
             for c in range(C):
                 d = float(dev[c])
                 block_mean = float(acc[c]) + d / k
                 block_m2 = float(dev2[c]) - d * d / k
-                _, part_mean[p, c], part_m2[p, c] = chan_merge(
-                    part_count[p], part_mean[p, c], part_m2[p, c], k, block_mean, block_m2
-                )
-            part_count[p] += k
+                delta = block_mean - part_mean[p, c]
+                part_mean[p, c] += delta * f_b
+                part_m2[p, c] += block_m2 + delta * delta * f_ab
+            part_count[p] = n
     mean = np.zeros(C)
     m2 = np.zeros(C)
     count = 0.0
