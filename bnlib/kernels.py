@@ -292,22 +292,28 @@ def planar_normalise(x: Array, hi: Array, lo: Array, scale: Array, shift: Array,
 
 
 @_jit(fastmath=_REDUCE)
+def _block_grad_sums(g: Array, x: Array, hi: float) -> tuple[float, float, float]:
+    """sum g, sum g * (x - hi) and sum (x - hi) over a short block, in the block's dtype."""
+    sum_g = x.dtype.type(0)
+    sum_gx = x.dtype.type(0)
+    sum_x = x.dtype.type(0)
+    for i in range(x.size):
+        xc = x[i] - hi
+        sum_g += g[i]
+        sum_gx += g[i] * xc
+        sum_x += xc
+    return float(sum_g), float(sum_gx), float(sum_x)
+
+
+@_jit()
 def _row_grad_sums(g: Array, x: Array, hi: float) -> tuple[float, float, float]:
-    """sum g, sum g * (x - hi) and sum (x - hi) over one row, block sums in the row's dtype."""
+    """The three sums over one row: block by block, added in float64."""
     sum_g, sum_gx, sum_x = 0.0, 0.0, 0.0
     for start in range(0, x.size, BLOCK):
-        stop = min(start + BLOCK, x.size)
-        bg = x.dtype.type(0)
-        bgx = x.dtype.type(0)
-        bx = x.dtype.type(0)
-        for i in range(start, stop):
-            xc = x[i] - hi
-            bg += g[i]
-            bgx += g[i] * xc
-            bx += xc
-        sum_g += float(bg)
-        sum_gx += float(bgx)
-        sum_x += float(bx)
+        bg, bgx, bx = _block_grad_sums(g[start : start + BLOCK], x[start : start + BLOCK], hi)
+        sum_g += bg
+        sum_gx += bgx
+        sum_x += bx
     return sum_g, sum_gx, sum_x
 
 
