@@ -309,3 +309,62 @@ def test_concurrent_callers_get_correct_results():
         got = list(pool.map(lambda x: kernels.train_forward(x, None, None, EPS)[0], xs * 3))
     for i, y in enumerate(got):
         assert torch.equal(y, want[i % 4])
+
+
+def test_nn_uses_the_kernels_on_cpu_with_the_eager_results(monkeypatch):
+    """bnlib.nn routes its seam to the kernels by default; switched off, the eager path
+    gives the same numbers (float64, 1e-10)."""
+    import bnlib.nn as bnn
+
+    calls = []
+    for name in ("train_forward", "train_backward", "eval_forward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a)
+        )
+    results = []
+    for enabled in (True, False):
+        kernels.set_enabled(enabled)
+        try:
+            torch.manual_seed(0)
+            bn = bnn.BatchNorm2d(3, dtype=torch.float64)
+            x = make((4, 3, 5, 5), True).requires_grad_()
+            y = bn(x)
+            y.backward(make((4, 3, 5, 5), seed=2))
+            bn.eval()
+            with torch.no_grad():
+                y_eval = bn(x)
+            results.append((y, x.grad, bn.weight.grad, bn.bias.grad, bn.running_var, y_eval))
+        finally:
+            kernels.set_enabled(True)
+        if enabled:
+            assert calls == ["train_forward", "train_backward", "eval_forward"]
+        else:
+            assert len(calls) == 3  # nothing more while disabled
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    # never while autograd records the computation (double backward); same numbers
+    second = []
+    for enabled in (True, False):
+        kernels.set_enabled(enabled)
+        try:
+            calls.clear()
+            x = make((4, 3, 5), seed=3).requires_grad_()
+            bn = bnn.BatchNorm1d(3, dtype=torch.float64)
+            (gx,) = torch.autograd.grad(bn(x).pow(3).sum(), x, create_graph=True)
+            assert calls == (["train_forward"] if enabled else [])  # recorded backward: eager
+            gx.sum().backward()
+            second.append(x.grad)
+        finally:
+            kernels.set_enabled(True)
+    torch.testing.assert_close(second[0], second[1], atol=1e-10, rtol=1e-10)
+    # under vmap the seam sees the batch folded into channels: plain tensors again
+    outs = []
+    for enabled in (True, False):
+        kernels.set_enabled(enabled)
+        try:
+            bn = bnn.BatchNorm1d(3, dtype=torch.float64, track_running_stats=False)
+            outs.append(torch.func.vmap(bn)(make((2, 4, 3, 5))))
+        finally:
+            kernels.set_enabled(True)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=1e-10)
