@@ -65,6 +65,7 @@ import importlib
 import math
 import os
 import threading
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -473,15 +474,36 @@ def interleaved_grad_input(
 # ---------------------------------------------------------------------------
 
 
-#: Below this many values one thread does the work: starting threads costs more.
-SMALL = 1 << 15
+#: Below this many values one thread does the work: waking the thread pool costs more
+#: (measured: tens of microseconds per kernel, about the time of one pass over 2 MB).
+SMALL = 1 << 19
 
 
-def _set_threads(x: Tensor) -> None:
+def _set_threads(x: Tensor) -> int:
     """Use torch's thread count (one thread for small tensors). Results do not depend on it."""
     assert numba is not None
     threads = 1 if x.numel() < SMALL else torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    threads = max(1, min(threads, int(numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(threads)
+    return threads
+
+
+_serial_twins: dict[Any, Any] = {}
+
+
+def _choose(kernel: _F, threads: int) -> _F:
+    """``kernel`` for several threads; for one, its *serial twin*: the same Python
+    function compiled without threading, which saves the thread pool's start-up
+    (tens of microseconds per call) and gives the same bits (same loops, same order)."""
+    if threads > 1:
+        return kernel
+    if kernel not in _serial_twins:
+        f = kernel.py_func  # type: ignore[attr-defined]
+        twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial")
+        twin.__qualname__ = f.__qualname__ + "_serial"  # its own on-disk cache entry
+        twin.__doc__ = f.__doc__
+        _serial_twins[kernel] = _jit()(twin)
+    return cast(_F, _serial_twins[kernel])
 
 
 def _view(t: Tensor, layout: str) -> np.ndarray:
@@ -510,7 +532,7 @@ def _split(mean: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _normalise(
-    xc: Tensor, layout: str, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray
+    xc: Tensor, layout: str, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray, threads: int
 ) -> Tensor:
     xv = _view(xc, layout)
     y = torch.empty_like(xc)  # same memory format as x
@@ -518,10 +540,12 @@ def _normalise(
     dt = xv.dtype
     hi, lo = _split(mean, dt)
     if layout == "planar":
-        planar_normalise(xv, hi, lo, scale.astype(dt), shift.astype(dt), yv)
+        _choose(planar_normalise, threads)(xv, hi, lo, scale.astype(dt), shift.astype(dt), yv)
     else:
         rows, _ = _parts(*xv.shape)
-        interleaved_normalise(xv, hi, lo, scale.astype(dt), shift.astype(dt), yv, rows)
+        _choose(interleaved_normalise, threads)(
+            xv, hi, lo, scale.astype(dt), shift.astype(dt), yv, rows
+        )
     return y
 
 
@@ -536,19 +560,19 @@ def train_forward(
     if x.device.type != "cpu":
         return _device_train_forward(x, weight, bias, eps)
     with _lock:  # one caller at a time in Numba's thread pool
-        _set_threads(x)
+        threads = _set_threads(x)
         layout = _layout(x)
         assert layout is not None, "unsupported layout: check kernels.supports(x) first"
         xc = _compute(x)
         xv = _view(xc, layout)
         C = x.shape[1]
         if layout == "planar":
-            mean, var = planar_stats(xv)
+            mean, var = _choose(planar_stats, threads)(xv)
         else:
-            mean, var = interleaved_stats(xv, *_parts(*xv.shape))
+            mean, var = _choose(interleaved_stats, threads)(xv, *_parts(*xv.shape))
         inv_std = 1.0 / np.sqrt(var + eps)
         scale = _vector(weight, C, 1.0) * inv_std
-        y = _normalise(xc, layout, mean, scale, _vector(bias, C, 0.0))
+        y = _normalise(xc, layout, mean, scale, _vector(bias, C, 0.0), threads)
         return (
             y.to(x.dtype),
             torch.from_numpy(mean).to(xc.dtype),
@@ -574,7 +598,7 @@ def train_backward(
     if x.device.type != "cpu":
         return _device_train_backward(dy, x, weight, mean, var, eps)
     with _lock:  # one caller at a time in Numba's thread pool
-        _set_threads(x)
+        threads = _set_threads(x)
         layout = _layout(x)
         assert layout is not None, "unsupported layout: check kernels.supports(x) first"
         xc = _compute(x)
@@ -586,9 +610,11 @@ def train_backward(
         m = x.numel() // C
         hi = _vector(mean, C, 0.0).astype(xv.dtype)
         if layout == "planar":
-            sum_g, sum_gx, sum_x = planar_grad_sums(gv, xv, hi)
+            sum_g, sum_gx, sum_x = _choose(planar_grad_sums, threads)(gv, xv, hi)
         else:
-            sum_g, sum_gx, sum_x = interleaved_grad_sums(gv, xv, hi, *_parts(*xv.shape))
+            sum_g, sum_gx, sum_x = _choose(interleaved_grad_sums, threads)(
+                gv, xv, hi, *_parts(*xv.shape)
+            )
         # the given mean may be rounded (float32): the exact one is hi + delta
         delta = sum_x / m
         sum_gxc = sum_gx - delta * sum_g  # sum g * (x - mean)
@@ -601,10 +627,14 @@ def train_backward(
         dxv = _view(dx, layout)
         dt = xv.dtype
         if layout == "planar":
-            planar_grad_input(gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv)
+            _choose(planar_grad_input, threads)(
+                gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv
+            )
         else:
             rows, _ = _parts(*xv.shape)
-            interleaved_grad_input(gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv, rows)
+            _choose(interleaved_grad_input, threads)(
+                gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv, rows
+            )
         pdtype = weight.dtype if weight is not None else dy.dtype
         dw = None if weight is None else torch.from_numpy(dweight).to(pdtype)
         return dx.to(dy.dtype), dw, torch.from_numpy(sum_g).to(pdtype)
@@ -622,14 +652,13 @@ def eval_forward(
     if x.device.type != "cpu":
         return _device_eval_forward(x, running_mean, running_var, weight, bias, eps)
     with _lock:  # one caller at a time in Numba's thread pool
-        _set_threads(x)
+        threads = _set_threads(x)
         layout = _layout(x)
         assert layout is not None, "unsupported layout: check kernels.supports(x) first"
         C = x.shape[1]
         scale = _vector(weight, C, 1.0) / np.sqrt(_vector(running_var, C, 0.0) + eps)
-        y = _normalise(
-            _compute(x), layout, _vector(running_mean, C, 0.0), scale, _vector(bias, C, 0.0)
-        )
+        mean = _vector(running_mean, C, 0.0)
+        y = _normalise(_compute(x), layout, mean, scale, _vector(bias, C, 0.0), threads)
         return y.to(x.dtype)
 
 
