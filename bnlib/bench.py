@@ -93,8 +93,10 @@ def _steps(shape: tuple[int, ...], channels_last: bool, mode: str) -> dict[str, 
             w, b = ours.weight.detach(), ours.bias.detach()
 
             def fused_step() -> None:
-                _, mean, var = kernels.train_forward(x, w, b, 1e-5)
-                kernels.train_backward(dy, x, w, mean, var, 1e-5)
+                # y stays alive through the backward pass, as in a network
+                y, mean, var = kernels.train_forward(x, w, b, 1e-5)
+                dx, _, _ = kernels.train_backward(dy, x, w, mean, var, 1e-5)
+                del y, dx
 
             steps["bnlib.kernels"] = fused_step
         steps[NATIVE] = module_step(native)
