@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from _helpers import DEVICES, assert_close, assert_same_state, state_snapshot
 
 import bnlib.nn as bnn
@@ -528,3 +530,41 @@ def test_family_bad_input_changes_nothing(make, x, exc):
     with pytest.raises(exc):
         mod(x)
     assert_same_state(before, state_snapshot(mod))
+
+
+# ---------------------------------------------------------------------------
+# property test: any reduced axes, any parameter axes
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def axis_choices(draw):
+    ndim = draw(st.integers(2, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim)))
+    axes = draw(st.lists(st.sampled_from(range(ndim)), min_size=1, max_size=ndim, unique=True))
+    param_axes = draw(st.lists(st.sampled_from(range(ndim)), max_size=ndim, unique=True))
+    seed = draw(st.integers(0, 2**16))
+    return shape, tuple(axes), tuple(param_axes), seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(axis_choices())
+def test_normalize_backward_is_the_gradient_for_any_axes(choice):
+    """normalize_backward equals autograd through a plain torch implementation of the forward."""
+    shape, axes, param_axes, seed = choice
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=D) * 3 + 1).requires_grad_()
+    pshape = [n if i in param_axes else 1 for i, n in enumerate(shape)]
+    w = (torch.rand(pshape, generator=g, dtype=D) + 0.5).requires_grad_()
+    b = torch.randn(pshape, generator=g, dtype=D).requires_grad_()
+    dy = torch.randn(shape, generator=g, dtype=D)
+    mean = x.mean(axes, keepdim=True)
+    var = ((x - mean) ** 2).mean(axes, keepdim=True)
+    y_ref = w * (x - mean) / torch.sqrt(var + 1e-5) + b
+    ref = torch.autograd.grad(y_ref, (x, w, b), dy)
+    y, cache = normalize_forward(x.detach(), w.detach(), b.detach(), axes, 1e-5, param_axes)
+    dx, dw, db = normalize_backward(dy, cache)
+    assert_close(y, y_ref.detach())
+    assert_close(dx, ref[0])
+    assert_close(dw.reshape(pshape), ref[1])
+    assert_close(db.reshape(pshape), ref[2])
