@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
+from _helpers import DEVICES, assert_close, assert_same_state, state_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from _helpers import DEVICES, assert_close, assert_same_state, state_snapshot
 
 import bnlib.nn as bnn
 from bnlib.functional import (
