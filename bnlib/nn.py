@@ -914,7 +914,8 @@ class GhostBatchNorm2d(_GhostBatchNorm, torch.nn.BatchNorm2d):
     In training, the batch is cut along ``N`` into consecutive chunks of
     ``virtual_batch_size`` examples (the last may be smaller) and each chunk is
     batch-normalised with its own statistics (the same γ, β for all). Eval mode
-    is BatchNorm's.
+    is BatchNorm's: running statistics, or, with ``track_running_stats=False``,
+    the chunk statistics as in training.
 
     **Running statistics: one update per call**, with the chunk statistics
     averaged, each chunk weighted by its share of the examples:
