@@ -568,3 +568,33 @@ def test_normalize_backward_is_the_gradient_for_any_axes(choice):
     assert_close(dx, ref[0])
     assert_close(dw.reshape(pshape), ref[1])
     assert_close(db.reshape(pshape), ref[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda cls, dt: cls.GroupNorm(2, 4, dtype=dt),
+        lambda cls, dt: cls.LayerNorm((4, 3), dtype=dt),
+        lambda cls, dt: cls.InstanceNorm1d(4, affine=True, track_running_stats=True, dtype=dt),
+    ],
+    ids=["group", "layer", "instance"],
+)
+def test_low_precision_matches_torch(make, dtype):
+    """float16/bfloat16 are computed in float32, as torch does: the same rounded outputs."""
+    ref, mine = make(torch.nn, dtype), make(bnn, dtype)
+    mine.load_state_dict(ref.state_dict())
+    x = randn(5, 4, 3).to(dtype)
+    xr, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, ym = ref(xr), mine(xm)
+    assert ym.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(ym, yr, atol=tol, rtol=tol)
+    dy = randn(5, 4, 3, seed=3).to(dtype)
+    yr.backward(dy)
+    ym.backward(dy)
+    assert xm.grad.dtype == dtype
+    torch.testing.assert_close(xm.grad, xr.grad, atol=5 * tol, rtol=5 * tol)
+    for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
+        assert q.grad.dtype == p.grad.dtype
+        torch.testing.assert_close(q.grad, p.grad, atol=5 * tol * 15, rtol=5 * tol)
