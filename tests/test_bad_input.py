@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from _helpers import DEVICES, assert_same_state, state_snapshot
 
 import bnlib.nn as bnn
-from bnlib.functional import batch_norm_backward, batch_norm_forward, batch_norm_inference
+from bnlib.functional import (
+    batch_norm_backward,
+    batch_norm_backward_naive,
+    batch_norm_forward,
+    batch_norm_inference,
+    running_average,
+)
 
 C = 4
 TORCH_CLS = {"1d": torch.nn.BatchNorm1d, "2d": torch.nn.BatchNorm2d, "3d": torch.nn.BatchNorm3d}
@@ -198,8 +206,11 @@ def arr(a, backend):
 
 def good(backend, shape=(4, C, 3)):
     rng = np.random.default_rng(0)
-    return (arr(rng.standard_normal(shape), backend), arr(rng.random(C) + 0.5, backend),
-            arr(rng.standard_normal(C), backend))
+    return (
+        arr(rng.standard_normal(shape), backend),
+        arr(rng.random(C) + 0.5, backend),
+        arr(rng.standard_normal(C), backend),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -221,8 +232,11 @@ def test_functional_per_channel_vector_of_wrong_length(backend, which, length):
 @pytest.mark.parametrize("which", ["running_mean", "running_var", "gamma"])
 def test_functional_inference_vector_of_wrong_length(backend, which):
     x, g, b = good(backend)
-    vecs = {"running_mean": arr(np.zeros(C), backend), "running_var": arr(np.ones(C), backend),
-            "gamma": g}
+    vecs = {
+        "running_mean": arr(np.zeros(C), backend),
+        "running_var": arr(np.ones(C), backend),
+        "gamma": g,
+    }
     vecs[which] = arr(np.ones(C + 2), backend)
     with pytest.raises(RuntimeError, match=rf"{C} elements"):
         batch_norm_inference(x, vecs["gamma"], b, vecs["running_mean"], vecs["running_var"])
@@ -272,3 +286,209 @@ def test_functional_does_not_modify_its_inputs(backend):
     batch_norm_backward(dy, cache)
     for a, c in zip((x, g, b, dy), copies, strict=True):
         assert np.array_equal(np.asarray(a), c)
+
+
+# ---------------------------------------------------------------------------
+# functional API: strict inputs (issue 11, item 5). Each of these failed on main.
+# ---------------------------------------------------------------------------
+
+NON_FLOAT = {
+    "numpy": [np.int64, np.int32, np.bool_, np.complex128],
+    "torch": [torch.int64, torch.int32, torch.bool, torch.complex128],
+}
+
+
+def cast(a, backend, dtype):
+    return a.astype(dtype) if backend == "numpy" else torch.from_numpy(a).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", range(4), ids=["int64", "int32", "bool", "complex"])
+def test_functional_non_floating_input_is_a_type_error_naming_the_dtype(backend, k):
+    dtype = NON_FLOAT[backend][k]
+    x = cast(np.arange(32.0).reshape(4, C, 2) % 3, backend, dtype)
+    name = str(x.dtype)
+    with pytest.raises(TypeError, match=rf"{name}.*floating"):
+        batch_norm_forward(x, None, None)
+    with pytest.raises(TypeError, match=rf"{name}.*floating"):
+        batch_norm_inference(x, None, None, arr(np.zeros(C), backend), arr(np.ones(C), backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backward", [batch_norm_backward, batch_norm_backward_naive])
+@pytest.mark.parametrize("dy_shape", [(1, C, 3), (4, C, 1), (4, C), (2, 4, C, 3)])
+def test_functional_dy_of_another_shape_is_refused(backend, backward, dy_shape):
+    """Broadcasting dy used to give wrong gradients (dbeta = 1 instead of N)."""
+    x, g, b = good(backend)
+    _, cache = batch_norm_forward(x, g, b)
+    dy = arr(np.ones(dy_shape), backend)
+    with pytest.raises(
+        ValueError, match=rf"dy has shape {re.escape(str(dy_shape))}.*\(4, {C}, 3\)"
+    ):
+        backward(dy, cache)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_non_floating_dy(backend):
+    x, g, b = good(backend)
+    _, cache = batch_norm_forward(x, g, b)
+    dy = cast(np.ones(tuple(x.shape)), backend, NON_FLOAT[backend][0])
+    with pytest.raises(TypeError, match=r"dy has dtype"):
+        batch_norm_backward(dy, cache)
+
+
+@pytest.mark.parametrize("which", ["gamma", "beta"])
+@pytest.mark.parametrize("x_backend", BACKENDS)
+def test_functional_mixed_array_libraries(x_backend, which):
+    other = "numpy" if x_backend == "torch" else "torch"
+    x, g, b = good(x_backend)
+    foreign = arr(np.ones(C), other)
+    args = (x, foreign, b) if which == "gamma" else (x, g, foreign)
+    lib_x, lib_v = ("torch", "numpy") if x_backend == "torch" else ("numpy", "torch")
+    with pytest.raises(TypeError, match=rf"is a {lib_v} array but x is a {lib_x} array"):
+        batch_norm_forward(*args)
+    with pytest.raises(TypeError, match=r"but x is a"):
+        batch_norm_inference(x, None, None, foreign, arr(np.ones(C), x_backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_mixed_libraries_in_backward(backend):
+    x, g, b = good(backend)
+    _, cache = batch_norm_forward(x, g, b)
+    other = "numpy" if backend == "torch" else "torch"
+    with pytest.raises(TypeError, match=r"dy is a .* array but the forward input"):
+        batch_norm_backward(arr(np.ones(tuple(x.shape)), other), cache)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("container", [list, tuple])
+def test_functional_lists_are_accepted_and_converted(backend, container):
+    """Decision: Python lists/tuples of numbers are per-channel vectors too."""
+    x, g, b = good(backend)
+    y_list, _ = batch_norm_forward(
+        x, container(np.asarray(g).tolist()), container(np.asarray(b).tolist())
+    )
+    y_arr, _ = batch_norm_forward(x, g, b)
+    assert type(y_list) is type(y_arr)
+    np.testing.assert_allclose(np.asarray(y_list), np.asarray(y_arr), rtol=1e-14, atol=1e-14)
+    rm, rv = container([0.0] * C), container([1.0] * C)
+    y_inf = batch_norm_inference(x, None, None, rm, rv)
+    assert type(y_inf) is type(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", ["a string", 3.0, {"a": 1}])
+def test_functional_non_array_gamma(backend, bad):
+    x, _, b = good(backend)
+    with pytest.raises(TypeError, match=r"weight \(gamma\) must be an array of x's library"):
+        batch_norm_forward(x, bad, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_non_array_x(backend):
+    with pytest.raises(TypeError, match=r"x must be a NumPy array or a torch tensor, got list"):
+        batch_norm_forward([[1.0, 2.0], [3.0, 4.0]], None, None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", [-1.0, -1e-8, float("nan")])
+def test_functional_inference_negative_eps(backend, eps):
+    """eps = -1 used to give NaN silently."""
+    x, g, b = good(backend)
+    with pytest.raises(ValueError, match=r"eps must be non-negative"):
+        batch_norm_inference(x, g, b, arr(np.zeros(C), backend), arr(np.ones(C), backend), eps=eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_inference_zero_eps_is_allowed(backend):
+    x, g, b = good(backend)
+    y = batch_norm_inference(x, g, b, arr(np.zeros(C), backend), arr(np.ones(C), backend), eps=0.0)
+    np.testing.assert_allclose(
+        np.asarray(y), np.asarray(x * g.reshape(1, C, 1) + b.reshape(1, C, 1))
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_functional_inference_missing_running_stats(backend, missing):
+    x, g, b = good(backend)
+    stats = {"running_mean": arr(np.zeros(C), backend), "running_var": arr(np.ones(C), backend)}
+    stats[missing] = None
+    with pytest.raises(RuntimeError, match=rf"{missing} is None.*batch_norm_forward"):
+        batch_norm_inference(x, g, b, stats["running_mean"], stats["running_var"])
+    if backend == "torch":  # torch raises the same class
+        with pytest.raises(RuntimeError):
+            torch.nn.functional.batch_norm(x, stats["running_mean"], stats["running_var"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, C), (0, C, 3), (4, C, 0), (2, C, 0, 3)])
+def test_functional_empty_batch_is_a_value_error_without_warnings(backend, shape):
+    import warnings
+
+    x = arr(np.ones(shape), backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning would fail the test
+        with pytest.raises(ValueError, match=r"empty batch.*skip empty batches"):
+            batch_norm_forward(x, None, None)
+        # inference needs no statistics of the batch: an empty batch gives an empty output
+        y = batch_norm_inference(x, None, None, arr(np.zeros(C), backend), arr(np.ones(C), backend))
+    assert tuple(y.shape) == shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("axis", [1.0, "1", None, True])
+def test_functional_channel_axis_must_be_an_int(backend, axis):
+    x, g, b = good(backend)
+    with pytest.raises(TypeError, match=r"channel_axis must be an int"):
+        batch_norm_forward(x, g, b, channel_axis=axis)
+    with pytest.raises(TypeError, match=r"channel_axis must be an int"):
+        batch_norm_inference(
+            x, g, b, arr(np.zeros(C), backend), arr(np.ones(C), backend), channel_axis=axis
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_numpy_integer_channel_axis_is_fine(backend):
+    x, g, b = good(backend)
+    y1, _ = batch_norm_forward(x, g, b, channel_axis=np.int64(1))
+    y2, _ = batch_norm_forward(x, g, b, channel_axis=1)
+    assert np.array_equal(np.asarray(y1), np.asarray(y2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", ["1e-5", None])
+def test_functional_eps_of_wrong_type(backend, eps):
+    x, g, b = good(backend)
+    with pytest.raises(TypeError, match=r"eps must be a real number"):
+        batch_norm_forward(x, g, b, eps=eps)
+
+
+@pytest.mark.parametrize("momentum", ["0.1", None, [0.1], True])
+def test_running_average_momentum_of_wrong_type(momentum):
+    with pytest.raises(TypeError, match=r"momentum must be a real number"):
+        running_average(np.zeros(C), np.ones(C), momentum)
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])
+def test_running_average_momentum_out_of_range(momentum):
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
+        running_average(np.zeros(C), np.ones(C), momentum)
+
+
+def test_running_average_is_the_bn_update():
+    r, bt = np.array([1.0, 2.0]), np.array([3.0, -2.0])
+    np.testing.assert_allclose(running_average(r, bt, 0.25), 0.75 * r + 0.25 * bt)
+
+
+@pytest.mark.parametrize("cls", ["BatchRenorm2d", "GhostBatchNorm2d", "InstanceNorm2d"])
+def test_family_module_momentum_of_wrong_type_changes_nothing(cls):
+    kwargs = {"virtual_batch_size": 2} if cls.startswith("Ghost") else {}
+    if cls.startswith("Instance"):
+        kwargs["track_running_stats"] = True
+    mod = getattr(bnn, cls)(C, dtype=torch.float64, **kwargs)
+    mod.momentum = "0.1"
+    before = state_snapshot(mod)
+    with pytest.raises(TypeError, match=r"momentum must be a float"):
+        mod(torch.randn(4, C, 3, 3, dtype=torch.float64))
+    assert_same_state(before, state_snapshot(mod))

@@ -281,3 +281,21 @@ def test_large_offset_float32(backend):
     y_naive = (to_numpy(x_b) - to_numpy(x_b).mean(axis=axes, keepdims=True)) / np.sqrt(
         np.abs(naive).reshape(1, -1, 1, 1) + 1e-5)
     assert np.max(np.abs(y_naive.var(axis=axes) - 1)) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["batch_norm_backward", "batch_norm_backward_naive"])
+def test_backward_input_checks_keep_the_printed_formula(name):
+    """The dy checks wrap the BN backward functions from outside, so the source the backprop
+    chapter prints (inspect.getsource) is still the formula, and the signature is unchanged."""
+    import inspect
+
+    import bnlib.functional as F
+
+    fn = getattr(F, name)
+    source = inspect.getsource(fn)
+    assert source.startswith(f"def {name}(dy: Array, cache: BNCache)")
+    assert "_check_gradient" not in source
+    assert list(inspect.signature(fn).parameters) == ["dy", "cache"]
+    _, cache = batch_norm_forward(np.ones((4, 3)) + np.arange(3.0), None, None)
+    with pytest.raises(ValueError, match="dy has shape"):
+        fn(np.ones((1, 3)), cache)
