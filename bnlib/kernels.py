@@ -479,11 +479,16 @@ SMALL = 1 << 15
 
 
 def _set_threads(x: Tensor) -> int:
-    """Use torch's thread count (one thread for small tensors). Results do not depend on it."""
+    """Use torch's thread count (one thread for small tensors). Results do not depend on it.
+
+    One thread needs no call into Numba: the kernel's serial twin (:func:`_choose`)
+    runs without the pool (and ``numba.set_num_threads`` costs microseconds per call).
+    """
     assert numba is not None
     threads = 1 if x.numel() < SMALL else torch.get_num_threads()
     threads = max(1, min(threads, int(numba.config.NUMBA_NUM_THREADS)))
-    numba.set_num_threads(threads)
+    if threads > 1:
+        numba.set_num_threads(threads)
     return threads
 
 
@@ -516,12 +521,21 @@ def _vector(v: Tensor | None, C: int, fill: float) -> np.ndarray:
     """A per-channel parameter as a float64 NumPy vector (``fill`` where it is None)."""
     if v is None:
         return np.full(C, fill)
+    if v.device.type == "cpu" and v.dtype in _NATIVE:  # the fast way: NumPy converts
+        return v.detach().numpy().reshape(C).astype(np.float64)
     return v.detach().to(device="cpu", dtype=torch.float64).reshape(C).numpy()
 
 
 def _compute(x: Tensor) -> Tensor:
     """``x`` in the dtype the kernels compute in (float32 for float16/bfloat16)."""
     return x.float() if x.dtype in _LOW_PRECISION else x
+
+
+def _tensor(v: np.ndarray, like: Tensor) -> Tensor:
+    """A float64 NumPy vector as a CPU tensor of ``like``'s dtype (NumPy converts: faster)."""
+    if like.dtype == torch.float32:
+        return torch.from_numpy(v.astype(np.float32))
+    return torch.from_numpy(v).to(like.dtype)
 
 
 def _split(mean: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -572,11 +586,7 @@ def train_forward(
         inv_std = 1.0 / np.sqrt(var + eps)
         scale = _vector(weight, C, 1.0) * inv_std
         y = _normalise(xc, layout, mean, scale, _vector(bias, C, 0.0), threads)
-        return (
-            y.to(x.dtype),
-            torch.from_numpy(mean).to(xc.dtype),
-            torch.from_numpy(var).to(xc.dtype),
-        )
+        return y if y.dtype == x.dtype else y.to(x.dtype), _tensor(mean, xc), _tensor(var, xc)
 
 
 def train_backward(
@@ -601,7 +611,9 @@ def train_backward(
         layout = _layout(x)
         assert layout is not None, "unsupported layout: check kernels.supports(x) first"
         xc = _compute(x)
-        g = _compute(dy).to(xc.dtype)
+        g = _compute(dy)
+        if g.dtype != xc.dtype:
+            g = g.to(xc.dtype)
         if g.stride() != xc.stride():  # dy in another memory format: match x's
             g = torch.empty_like(xc).copy_(g)
         xv, gv = _view(xc, layout), _view(g, layout)
@@ -634,9 +646,9 @@ def train_backward(
             _choose(interleaved_grad_input, threads)(
                 gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv, rows
             )
-        pdtype = weight.dtype if weight is not None else dy.dtype
-        dw = None if weight is None else torch.from_numpy(dweight).to(pdtype)
-        return dx.to(dy.dtype), dw, torch.from_numpy(sum_g).to(pdtype)
+        p = weight if weight is not None else dy
+        dw = None if weight is None else _tensor(dweight, p)
+        return dx if dx.dtype == dy.dtype else dx.to(dy.dtype), dw, _tensor(sum_g, p)
 
 
 def eval_forward(
