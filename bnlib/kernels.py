@@ -61,12 +61,13 @@ disk (``cache=True``: in ``__pycache__`` beside this file, or in
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import threading
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -492,6 +493,24 @@ def _set_threads(x: Tensor) -> int:
     return threads
 
 
+@contextlib.contextmanager
+def _pool(x: Tensor) -> Iterator[int]:
+    """One caller at a time in Numba's thread pool, and torch's thread count left as it was.
+
+    Numba's OpenMP threading layer can share the OpenMP runtime with torch, so setting
+    Numba's thread count (or starting its pool) could change ``torch.get_num_threads()``
+    behind the caller's back: a notebook pinned to one thread then ran torch's own work on
+    two, many times slower on a busy machine. Whatever happens inside, the count is restored.
+    """
+    with _lock:
+        torch_threads = torch.get_num_threads()
+        try:
+            yield _set_threads(x)
+        finally:
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
+
+
 _serial_twins: dict[Any, Any] = {}
 
 
@@ -572,8 +591,7 @@ def train_forward(
     """
     if x.device.type != "cpu":
         return _device_train_forward(x, weight, bias, eps)
-    with _lock:  # one caller at a time in Numba's thread pool
-        threads = _set_threads(x)
+    with _pool(x) as threads:
         layout = _layout(x)
         assert layout is not None, "unsupported layout: check kernels.supports(x) first"
         xc = _compute(x)
@@ -606,8 +624,7 @@ def train_backward(
     """
     if x.device.type != "cpu":
         return _device_train_backward(dy, x, weight, mean, var, eps)
-    with _lock:  # one caller at a time in Numba's thread pool
-        threads = _set_threads(x)
+    with _pool(x) as threads:
         layout = _layout(x)
         assert layout is not None, "unsupported layout: check kernels.supports(x) first"
         xc = _compute(x)
@@ -662,8 +679,7 @@ def eval_forward(
     """Inference, one pass: ``(x - mean) * weight / sqrt(var + eps) + bias``, given statistics."""
     if x.device.type != "cpu":
         return _device_eval_forward(x, running_mean, running_var, weight, bias, eps)
-    with _lock:  # one caller at a time in Numba's thread pool
-        threads = _set_threads(x)
+    with _pool(x) as threads:
         layout = _layout(x)
         assert layout is not None, "unsupported layout: check kernels.supports(x) first"
         C = x.shape[1]

@@ -470,6 +470,8 @@ class _BatchNorm(_TorchBatchNorm):
                 raise ValueError(
                     f"batch_norm eps must be positive during training, but got {self.eps}"
                 )
+            if self.training and self.track_running_stats:
+                _check_momentum(self.momentum)  # before num_batches_tracked is counted
         elif not self.eps >= 0:
             raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
 

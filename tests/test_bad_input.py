@@ -193,6 +193,20 @@ def test_torch_counts_the_failed_call_and_bnlib_does_not():
     assert int(bn.num_batches_tracked) == 2
 
 
+
+# Regression test: a momentum of the wrong type once failed inside lerp_ (a list of
+# overloads), after num_batches_tracked had been incremented.
+@pytest.mark.parametrize("momentum", ["0.1", [0.1], True])
+def test_momentum_of_wrong_type_raises_type_error_and_changes_nothing(momentum):
+    _, bn = trained_pair("2d")
+    bn.momentum = momentum
+    before = state_snapshot(bn)
+    x = torch.randn(GOOD_SHAPE["2d"], dtype=torch.float64)
+    with pytest.raises(TypeError, match="momentum must be a float"):
+        bn(x)
+    assert_same_state(before, state_snapshot(bn))
+
+
 # ---------------------------------------------------------------------------
 # functional API
 # ---------------------------------------------------------------------------

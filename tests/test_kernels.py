@@ -368,3 +368,34 @@ def test_nn_uses_the_kernels_on_cpu_with_the_eager_results(monkeypatch):
         finally:
             kernels.set_enabled(True)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_torch_thread_count_is_left_alone(monkeypatch, threads):
+    """A kernel call must not change torch.get_num_threads(): Numba's OpenMP pool can share
+    the runtime with torch, and a changed count made one-thread notebooks run torch's own
+    work on two threads (25x slower on a busy machine). The bug is simulated so the test
+    bites on every machine: Numba's thread setup is made to change torch's count."""
+    if not kernels.supports(torch.zeros(2, 2)):
+        pytest.skip("Numba not available")
+    set_threads = kernels._set_threads
+
+    def meddling(x):
+        used = set_threads(x)
+        torch.set_num_threads(threads + 1)  # what a shared OpenMP runtime did
+        return used
+
+    monkeypatch.setattr(kernels, "_set_threads", meddling)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(8, 4, 64, 64)  # above kernels.SMALL: the parallel path
+        w, b = torch.ones(4), torch.zeros(4)
+        y, mean, var = kernels.train_forward(x, w, b, 1e-5)
+        assert torch.get_num_threads() == threads
+        kernels.train_backward(torch.ones_like(y), x, w, mean, var, 1e-5)
+        assert torch.get_num_threads() == threads
+        kernels.eval_forward(x, mean, var, w, b, 1e-5)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
