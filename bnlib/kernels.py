@@ -102,10 +102,10 @@ numba: Any  # the module, or None where it cannot be imported
 _IMPORT_ERROR: Exception | None = None
 try:
     numba = importlib.import_module("numba")
-except Exception as error:  # pragma: no cover - exercised by monkeypatching in the tests
-    numba, _IMPORT_ERROR = None, error
+except Exception as _error:  # pragma: no cover - exercised by monkeypatching in the tests
+    numba, _IMPORT_ERROR = None, _error
 njit: Any = None if numba is None else numba.njit
-prange = range if numba is None else numba.prange
+prange: Any = range if numba is None else numba.prange
 
 # Threads: Numba picks its threading layer (OpenMP here). Measured with torch's own OpenMP
 # pool in the same process: on a quiet 2-core machine the OpenMP layer ran these kernels
