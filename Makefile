@@ -25,8 +25,6 @@ NBVAL_FLAGS = --nbval --nbval-current-env --nbval-cell-timeout=$(NBVAL_CELL_TIME
 # pages), and any Sphinx warning fails the build
 BUILD_FLAGS = --all --warningiserror --keep-going
 
-# MathJax 3 served by the book itself (offline-proof): django-static-mathjax's es5/ files
-MATHJAX = _mathjax/mathjax/tex-mml-chtml.js
 # the browser test drives Debian's chromium through Playwright (`playwright install` cannot
 # download browsers here)
 CHROMIUM ?= /usr/bin/chromium
@@ -57,11 +55,6 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --progress-bar off -r requirements.txt
 	@touch $@
 
-$(MATHJAX): $(STAMP)
-	rm -rf _mathjax && mkdir -p _mathjax
-	cp -r "$$($(PY) -c 'import mathjax, pathlib; print(pathlib.Path(mathjax.__file__).parent / "static" / "mathjax" / "es5")')" _mathjax/mathjax
-	@test -f $@
-
 # Debian's chromium for the browser test: installed when missing and we are root (as in CI);
 # otherwise the one command to run is printed and the browser test skips (fails when CI=true)
 chromium:
@@ -75,7 +68,7 @@ chromium:
 		echo "    sudo apt-get install -y chromium"; \
 	fi
 
-book: install $(MATHJAX)
+book: install
 	$(JB) build . $(BUILD_FLAGS)
 	@echo "The book is at $(CURDIR)/_build/html/index.html (or run: make serve)"
 
@@ -105,7 +98,9 @@ nbval: install
 		$(PY) -m pytest $(NBVAL_FLAGS) book; \
 	fi
 
-build: install $(MATHJAX)
+# Jupyter Book's own command, nothing before it: MathJax is copied by the build itself
+# (tools/sphinx_book.py), and the browser test then checks that every chapter's math typesets
+build: install
 	$(JB) build . $(BUILD_FLAGS)
 
 # the book just built, in headless Chromium; screenshots in _build/screenshots/
@@ -121,5 +116,5 @@ serve:
 	$(or $(wildcard $(PY)),python3) -m http.server $(PORT) --bind 127.0.0.1 --directory _build/html
 
 clean:
-	rm -rf _build _mathjax .pytest_cache .hypothesis .ruff_cache
+	rm -rf _build .pytest_cache .hypothesis .ruff_cache
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

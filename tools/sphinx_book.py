@@ -7,9 +7,18 @@
   which the browser test (tests/test_browser.py) catches. Drop the duplicates.
 * autodoc lists a NamedTuple's fields as members that only say "Alias for field number N";
   the class docstring already documents them. Skip those.
+* MathJax 3 is served by the book itself, not a CDN, so formulas typeset offline. When an
+  HTML build finishes, the es5/ files of the pinned django-static-mathjax package are copied
+  to ``_static/mathjax/`` (``mathjax_path`` in _config.yml points there). The build itself
+  does it, so Jupyter Book's own ``jupyter-book build .`` gives the same book as ``make book``.
 """
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from sphinx.errors import ExtensionError
 
 
 def _dedupe_scripts(app, pagename, templatename, context, doctree) -> None:
@@ -36,7 +45,27 @@ def _skip_namedtuple_aliases(app, what, name, obj, skip, options):
     return None
 
 
+def mathjax_source() -> Path:
+    """The es5/ folder of MathJax 3 in the installed django-static-mathjax package."""
+    try:
+        import mathjax  # django-static-mathjax
+    except ImportError as exc:
+        raise ExtensionError(
+            "the book serves MathJax from the django-static-mathjax package, which is not "
+            "installed: pip install -r requirements.txt"
+        ) from exc
+    return Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+
+
+def _copy_mathjax(app, exception) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    target = Path(app.outdir) / "_static" / "mathjax"
+    shutil.copytree(mathjax_source(), target, dirs_exist_ok=True)
+
+
 def setup(app):
+    app.connect("build-finished", _copy_mathjax)
     app.connect("html-page-context", _dedupe_scripts, priority=100)
     app.connect("autodoc-skip-member", _skip_namedtuple_aliases)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
