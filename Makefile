@@ -83,9 +83,11 @@ test:
 	@$(call timed,browser test,$(MAKE) --no-print-directory browser)
 	@echo "make test passed."; cat $(TIMINGS)
 
-# ruff over the library, the tests, the tools and the notebooks' code cells
+# ruff over the library, the tests, the tools and the notebooks' code cells; mypy --strict
+# over the library
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy --strict -p bnlib
 
 unit: install
 	$(PY) -m pytest tests -m "not browser" -p no:cacheprovider

@@ -1,8 +1,8 @@
 """bnlib: Batch Normalization for NumPy and PyTorch, the library of The BatchNorm Book.
 
 - :mod:`bnlib.functional`: the mathematics, for any array-API array (NumPy, torch on CPU or CUDA).
-- :mod:`bnlib.nn`: PyTorch modules, drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d``
-  (imported on demand: ``import bnlib.nn``; needs torch).
+- :mod:`bnlib.nn`: PyTorch modules, subclasses of ``torch.nn.BatchNorm1d/2d/3d`` computed by
+  bnlib, usable wherever torch's are (imported on demand: ``import bnlib.nn``; needs torch).
 - :mod:`bnlib.plotting`, :mod:`bnlib.printing`: the book's figure style and number formatting.
 """
 

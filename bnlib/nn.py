@@ -1,25 +1,43 @@
-"""PyTorch modules: drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d``.
+"""PyTorch modules: bnlib's BatchNorm as true subclasses of ``torch.nn.BatchNorm1d/2d/3d``.
 
-The constructor, parameters, buffers, ``state_dict`` keys, ``repr`` and
-semantics follow ``torch.nn.BatchNorm*d`` of the pinned torch. The arithmetic
-is bnlib's own: training mode runs :func:`bnlib.functional.batch_norm_forward`
-and, in the backward pass, :func:`bnlib.functional.batch_norm_backward`, wired
-together by a ``torch.autograd.Function``. Torch's batch-norm kernels are never
-called.
+:class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d` subclass
+torch's classes of the same name and override only ``forward``. Constructor,
+parameters, buffers, ``state_dict``, ``repr`` and ``isinstance`` checks are
+torch's own, so the ecosystem finds them: the freeze-BN idiom
+(``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)``),
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm``,
+``torch.ao.quantization.fuse_modules`` (eval-mode fusion with a preceding
+Conv/Linear), ``torch.fx.symbolic_trace`` (one ``call_module`` node per layer),
+``torch.func`` transforms, ``torch.compile`` and ``torch.export``.
 
-One deliberate difference: a call that raises changes nothing. Torch increments
-``num_batches_tracked`` before it validates the input; bnlib validates first.
+The arithmetic is bnlib's: torch's batch-norm kernels are never called. Every
+tensor computation of BN goes through three functions, the *kernel seam*:
+:func:`_train_forward`, :func:`_train_backward` (the closed-form gradient of
+:func:`bnlib.functional.batch_norm_backward`) and :func:`_eval_forward`. In
+training mode they are wired together by :class:`BatchNormFunction`.
+
+Deliberate differences from torch:
+
+- A call that raises changes nothing. Torch increments ``num_batches_tracked``
+  before it validates the input; bnlib validates first.
+- ``torch.jit.script`` raises a ``RuntimeError`` (TorchScript is in maintenance
+  upstream; use ``torch.compile`` or ``torch.export``).
+- In quantization-aware training, ``fuse_modules`` builds torch's ``ConvBn2d``
+  etc., which accept torch's exact classes only; eval-mode fusion (which folds
+  BN into the convolution) works.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import Module, Parameter, init
-
-from . import functional as F
+from torch.nn import Module
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 __all__ = [
     "BatchNorm1d",
@@ -34,38 +52,74 @@ __all__ = [
 _LOW_PRECISION = (torch.float16, torch.bfloat16)  # computed in float32, as torch does
 
 
-def _stats(x: Tensor, axes: tuple[int, ...], m: int):
-    """Per-channel statistics by the corrected two-pass algorithm.
+# ---------------------------------------------------------------------------
+# the kernel seam: all of BN's arithmetic, eager torch code
+# ---------------------------------------------------------------------------
 
-    Returns ``(mean0, delta, var, xc)``: a first estimate ``mean0`` of the mean,
-    the correction ``delta = mean(x - mean0)`` (the mean is ``mean0 + delta``),
-    the biased variance ``mean((x - mean0)**2) - delta**2``, and the centred
-    input ``xc = x - mean0``. When the channel's mean is large against its
-    spread, ``x - mean0`` is exact in floating point (Sterbenz), and ``delta``
-    carries the part of the mean that ``mean0`` cannot represent, so neither
-    the variance nor ``x_hat = (xc - delta) / std`` suffers cancellation; this
-    is how the float32 results stay as accurate as torch's at x = 1e4 + N(0, 1).
-    On CPU these plain reductions are several times faster than torch's fused
-    Welford ``var_mean`` over non-trailing axes.
+
+def _layout(x: Tensor) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Reduction axes, the broadcast shape ``(1, C, 1, ...)`` of a per-channel
+    vector, and ``m``, the number of values per channel."""
+    axes = (0, *range(2, x.dim()))
+    bshape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    return axes, bshape, x.numel() // x.shape[1]
+
+
+def _compute(t: Tensor) -> Tensor:
+    """``t`` in the compute dtype: float32 for float16/bfloat16, else unchanged."""
+    return t.float() if t.dtype in _LOW_PRECISION else t
+
+
+def _train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode forward with batch statistics: ``(y, mean, var)``.
+
+    ``mean`` and the *biased* ``var`` have shape ``(C,)`` and the compute
+    dtype (float32 for float16/bfloat16 input); ``y`` has ``x``'s shape and dtype.
+
+    The statistics come from the corrected two-pass algorithm: a first estimate
+    ``mean0`` of the mean, the correction ``delta = mean(x - mean0)``, and the
+    variance ``mean((x - mean0)**2) - delta**2``. When a channel's mean is large
+    against its spread, ``x - mean0`` is exact in floating point (Sterbenz) and
+    ``delta`` carries what ``mean0`` cannot represent, so neither the variance
+    nor ``x_hat`` suffers cancellation: float32 results stay as accurate as
+    torch's at ``x = 1e4 + N(0, 1)``. Plain reductions are also several times
+    faster on the CPU than torch's Welford ``var_mean`` over non-trailing axes.
+
+    The output is ``y = s * (x - mean0) + (beta - s * delta)`` with
+    ``s = gamma / sqrt(var + eps)``, written into the centred copy of ``x``
+    where that is safe (:func:`_plain`); out of place where autograd records
+    (the double-backward path differentiates this function) or under a
+    torch.func transform (an in-place update of an unbatched tensor by a
+    batched one is not allowed).
     """
-    mean0 = x.mean(axes, keepdim=True)
-    xc = x - mean0
+    axes, bshape, m = _layout(x)
+    xf = _compute(x)
+    mean0 = xf.mean(axes, keepdim=True)
+    xc = xf - mean0
     delta = xc.mean(axes, keepdim=True)
     var = torch.mul(xc, xc).sum(axes, keepdim=True).div_(m).sub_(delta * delta)
-    return mean0, delta, var, xc
+    inv_std = torch.rsqrt(var + eps)
+    scale = inv_std if weight is None else inv_std * weight.reshape(bshape)
+    shift = -scale * delta
+    if bias is not None:
+        shift = shift + bias.reshape(bshape)
+    if _plain(xc, scale, shift):
+        y = xc.mul_(scale).add_(shift)
+    else:
+        y = xc * scale + shift
+    return y.to(x.dtype), (mean0 + delta).reshape(-1), var.reshape(-1)
 
 
-class BatchNormFunction(torch.autograd.Function):
-    """Training-mode BN as an autograd node whose backward is bnlib's closed form.
+def _train_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Closed-form gradients of the training-mode forward: ``(dx, dweight, dbias)``.
 
-    ``forward(x, weight, bias, eps)`` returns ``(y, mean, var)``: the output and
-    the per-channel batch mean and biased variance (the last two are not
-    differentiable; the module uses them to update its running statistics).
-
-    This is the fast path of :mod:`bnlib.functional`'s equations for torch
-    tensors. Per channel, with :math:`s = \\gamma/\\sqrt{\\sigma^2+\\epsilon}`,
-    the forward pass is the affine map :math:`y = s\\,(x-\\mu) + \\beta`, and
-    the backward formula of :func:`bnlib.functional.batch_norm_backward`,
+    ``mean`` and ``var`` are :func:`_train_forward`'s. With
+    :math:`s = \\gamma/\\sqrt{\\sigma^2+\\epsilon}` per channel, the formula of
+    :func:`bnlib.functional.batch_norm_backward`,
 
     .. math::
 
@@ -73,197 +127,317 @@ class BatchNormFunction(torch.autograd.Function):
 
     is regrouped, using :math:`\\hat x = (x-\\mu)/\\sqrt{\\sigma^2+\\epsilon}`, into
     :math:`dx = s\\,g + b\\,(x-\\mu) + c` with per-channel :math:`b, c`: the same
-    formula, evaluated in fewer passes over memory, with in-place updates.
+    formula in fewer passes over memory. ``x - mean`` is taken as
+    ``(x - mean) - delta`` with ``delta = mean(x - mean)`` recomputed here (the
+    corrected two pass of :func:`_train_forward`), so a float32 ``mean`` that
+    cannot hold the exact mean of a large-offset channel costs no accuracy.
 
-    :func:`use_compiled` runs the same two kernels through ``torch.compile``.
-
-    Saved for backward: the input ``x`` (the one input-sized tensor, as in
-    torch's native kernel) and per-channel vectors. When a graph of the
-    backward is requested (``create_graph=True``, double backward), the
-    backward recomputes the forward from ``x`` with
-    :func:`bnlib.functional.batch_norm_forward` and applies
-    :func:`bnlib.functional.batch_norm_backward` with differentiable
-    operations, so the returned gradients are differentiable themselves.
+    ``dweight`` is ``None`` when ``weight`` is; ``dbias`` (``sum g``) is always
+    returned, in ``weight``'s dtype (``dy``'s without weight): the caller drops
+    it where there is no bias. The input-sized temporaries are updated in place
+    only where that is safe (:func:`_plain`).
     """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        forward_kernel = _compiled_kernels[0] if _compiled_kernels else _fast_forward
-        y, mean0, delta, var, inv_std = forward_kernel(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean0, delta, inv_std)
-        ctx.eps, ctx.has_bias = eps, bias is not None
-        mean, var = (mean0 + delta).reshape(-1), var.reshape(-1)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, dy: Tensor, _dmean, _dvar):
-        x, weight, mean0, delta, inv_std = ctx.saved_tensors
-        if torch.is_grad_enabled():  # double backward: differentiable ops all the way to x
-            _, cache = F.batch_norm_forward(x, weight, None, ctx.eps)
-            dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
-        else:
-            backward_kernel = _compiled_kernels[1] if _compiled_kernels else _fast_backward
-            dx, dgamma, dbeta = backward_kernel(dy, x, weight, mean0, delta, inv_std)
-        dweight = None if weight is None else dgamma.to(weight.dtype)
-        dbias = None
-        if ctx.has_bias:
-            dbias = dbeta.to(weight.dtype if weight is not None else dy.dtype)
-        return dx, dweight, dbias, None
-
-
-def _fast_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    """Training-mode forward: ``(y, mean0, delta, var, inv_std)``.
-
-    The per-channel results have the broadcast shape ``(1, C, 1, ...)``.
-    """
-    axes = (0, *range(2, x.dim()))
-    m = x.numel() // x.shape[1]
-    xf = x.float() if x.dtype in _LOW_PRECISION else x
-    mean0, delta, var, xc = _stats(xf, axes, m)
-    inv_std = torch.rsqrt(var + eps)
-    scale = inv_std if weight is None else inv_std * weight.reshape(inv_std.shape)
-    # y = scale * (x - mean) + beta = scale * xc + (beta - scale * delta), in xc's memory
-    shift = -scale * delta
-    if bias is not None:
-        shift = shift + bias.reshape(inv_std.shape)
-    y = xc.mul_(scale).add_(shift)
-    return y.to(x.dtype), mean0, delta, var, inv_std
-
-
-def _fast_backward(dy, x, weight, mean0, delta, inv_std):
-    """:func:`bnlib.functional.batch_norm_backward`, regrouped as dx = s·g + b·(x - μ) + c.
-
-    ``x - μ`` is evaluated as ``(x - mean0) - delta`` (see :func:`_stats`), the
-    ``delta`` folded into per-channel constants.
-    """
-    axes = (0, *range(2, x.dim()))
-    m = x.numel() // x.shape[1]
-    low = x.dtype in _LOW_PRECISION
-    g = dy.float() if low else dy
-    xf = x.float() if low else x
+    axes, bshape, m = _layout(x)
+    g = _compute(dy)
+    xc = _compute(x) - mean.reshape(bshape)
+    delta = xc.mean(axes, keepdim=True)
+    inv_std = torch.rsqrt(var.reshape(bshape) + eps)
     dbeta = g.sum(axes, keepdim=True)  # sum g
-    xc = torch.sub(xf, mean0)
     # sum g * x_hat = inv_std * (sum g * xc - delta * sum g)
-    dgamma = torch.mul(xc, g).sum(axes, keepdim=True).sub_(delta * dbeta).mul_(inv_std)
-    s = inv_std if weight is None else inv_std * weight.reshape(inv_std.shape)
+    dgamma = (torch.mul(xc, g).sum(axes, keepdim=True) - delta * dbeta) * inv_std
+    s = inv_std if weight is None else inv_std * weight.reshape(bshape)
     # dx = s/m * (m g - dbeta - x_hat dgamma),  x_hat = (xc - delta) inv_std
     b = -s * inv_std * dgamma / m
     c = -s * dbeta / m - b * delta
-    dx = xc.mul_(b).add_(c).addcmul_(g, s)
-    return dx.to(dy.dtype), dgamma.reshape(-1), dbeta.reshape(-1)
+    if _plain(xc, b, c, g, s):
+        dx = xc.mul_(b).add_(c).addcmul_(g, s)  # in the temporary xc's memory
+    else:  # differentiable, and no in-place op for vmap to fall back on
+        dx = xc * b + c + g * s
+    param_dtype = dy.dtype if weight is None else weight.dtype
+    dweight = None if weight is None else dgamma.reshape(-1).to(param_dtype)
+    return dx.to(dy.dtype), dweight, dbeta.reshape(-1).to(param_dtype)
 
 
-_compiled_kernels: tuple | None = None  # in use: (forward, backward), or None for eager
-_compiled_cache: tuple | None = None
+def _eval_forward(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Normalisation with given statistics: ``y = (x - mean) * gamma / sqrt(var + eps) + beta``.
+
+    An affine map per channel, differentiable in every argument; the result has
+    ``x``'s dtype (computed in float32 for float16/bfloat16).
+    """
+    _, bshape, _ = _layout(x)
+    xf = _compute(x)
+    mean = running_mean.reshape(bshape).to(xf.dtype)
+    scale = 1.0 / torch.sqrt(running_var.reshape(bshape).to(xf.dtype) + eps)
+    if weight is not None:
+        scale = scale * weight.reshape(bshape).to(xf.dtype)
+    y = (xf - mean) * scale
+    if bias is not None:
+        y = y + bias.reshape(bshape).to(xf.dtype)
+    return y.to(x.dtype)
+
+
+def _plain(*tensors: Tensor | None) -> bool:
+    """True when no tensor is recorded by autograd or wrapped by a torch.func
+    transform (vmap, grad, jvp levels; ``is_grads_batched`` hands the backward a
+    legacy batched ``dy`` while no transform is active): then in-place updates and opaque
+    kernels are safe. False while torch.compile traces (it fuses out-of-place code
+    anyway)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    grad_on = torch.is_grad_enabled()
+    functorch = torch._C._functorch
+    for t in tensors:
+        if t is None:
+            continue
+        if grad_on and t.requires_grad:
+            return False
+        if functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t):
+            return False
+    return True
+
+
+def _eager_required(*tensors: Tensor | None) -> bool:
+    """True where only the eager seam code may run: while torch.compile or
+    torch.export traces, while autograd records (a graph of the computation is
+    wanted), or when a tensor is a torch.func wrapper.
+
+    A fused kernel (see SEAM.md) is an opaque, non-differentiable function of
+    plain tensors; a seam function may call one only where this is False.
+    """
+    return not _plain(*tensors)
+
+
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by some enclosing ``torch.func.vmap``."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+# ---------------------------------------------------------------------------
+# the autograd Function
+# ---------------------------------------------------------------------------
+
+_compiled_kernels: tuple[Any, Any] | None = None  # (forward, backward) in use, or None
+_compiled_cache: tuple[Any, Any] | None = None
+
+
+def _forward_impl() -> Any:
+    if _compiled_kernels is not None and not torch.compiler.is_compiling():
+        return _compiled_kernels[0]
+    return _train_forward
+
+
+def _backward_impl() -> Any:
+    if _compiled_kernels is not None and not torch.compiler.is_compiling():
+        return _compiled_kernels[1]
+    return _train_backward
+
+
+def _batch_first(t: Tensor, bdim: int | None, size: int) -> Tensor:
+    """``t`` with its vmapped dimension first (broadcast to ``size`` if it has none)."""
+    if bdim is None:
+        return t.expand(size, *t.shape)
+    return t.movedim(bdim, 0)
+
+
+class _TrainingFunction(torch.autograd.Function):
+    """:class:`BatchNormFunction` without its ``jvp`` rule, for torch.compile and
+    torch.export: dynamo cannot trace an ``autograd.Function`` with a custom ``jvp``
+    (a graph break), and traces this one whole."""
+
+    @staticmethod
+    def forward(
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, var = _forward_impl()(x, weight, bias, eps)
+        return y, mean, var
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        x, weight, bias, eps = inputs
+        _, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_forward(x, weight, mean, var)
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:
+        x, weight, mean, var = ctx.saved_tensors
+        backward = _backward_impl()
+        if torch.is_grad_enabled():
+            # a graph of the gradient is wanted (double backward): recompute the
+            # statistics from x, recorded by autograd, and use the eager seam code
+            _, mean, var = _train_forward(x, weight, None, ctx.eps)
+            backward = _train_backward
+        dx, dweight, dbias = backward(dy, x, weight, mean, var, ctx.eps)
+        if ctx.bias_dtype is None:
+            dbias = None
+        elif dbias is not None:
+            dbias = dbias.to(ctx.bias_dtype)
+        return dx, dweight, dbias, None
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple[int | None, ...],
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int | None, int | None]]:
+        size = info.batch_size
+        xb = _batch_first(x, in_dims[0], size)  # (B, N, C, *S); copies if x is unbatched
+        n, c, spatial = xb.shape[1], xb.shape[2], xb.shape[3:]
+        folded = xb.movedim(0, 1).reshape(n, size * c, *spatial)  # (N, B*C, *S)
+        vectors = [
+            None if v is None else _batch_first(v, d, size).reshape(size * c)
+            for v, d in ((weight, in_dims[1]), (bias, in_dims[2]))
+        ]
+        y, mean, var = _apply(BatchNormFunction, folded, vectors[0], vectors[1], eps)
+        y = y.reshape(n, size, c, *spatial)
+        if in_dims[0] is None:  # the statistics of an unbatched x are unbatched too
+            return (y, mean[:c], var[:c]), (1, None, None)
+        return (y, mean.reshape(size, c), var.reshape(size, c)), (1, 0, 0)
+
+
+class BatchNormFunction(_TrainingFunction):
+    """Training-mode BN as an autograd node whose backward is bnlib's closed form.
+
+    ``BatchNormFunction.apply(x, weight, bias, eps)`` returns ``(y, mean, var)``:
+    the output and the per-channel batch mean and biased variance (the last two
+    are not differentiable; the module uses them for its running statistics).
+    Forward and backward are :func:`_train_forward` and :func:`_train_backward`.
+
+    Saved for backward: the input ``x`` (the one input-sized tensor, as in
+    torch's native kernel) and the per-channel ``weight``, ``mean`` and ``var``.
+
+    Function transforms. The class has the pieces ``torch.func`` needs:
+
+    - ``setup_context`` (separate from ``forward``), so ``torch.func.grad``,
+      ``vjp`` and ``jacrev`` work;
+    - a ``vmap`` rule that folds the vmapped dimension into the channels
+      (``B`` problems of ``C`` channels are one problem of ``B*C`` channels),
+      so ``torch.func.vmap`` runs one batched BN, not a loop;
+    - a ``jvp`` rule for forward-mode AD (``torch.func.jvp``, ``jacfwd``,
+      ``torch.autograd.forward_ad``). BN's Jacobian in ``x`` is symmetric, so
+      the ``x`` part of the tangent is :func:`_train_backward` applied to the
+      tangent, and the ``weight`` part is :func:`_train_forward` with the
+      weight's tangent as the scale;
+    - a backward made of out-of-place or vmap-safe operations, so batched
+      gradients (``is_grads_batched=True``, ``jacobian(vectorize=True)``,
+      ``gradcheck(check_batched_grad=True)``) work;
+    - double backward: when a graph of the backward is requested
+      (``create_graph=True``), the statistics are recomputed from ``x`` with
+      autograd recording, so the gradients are differentiable themselves.
+
+    Under ``torch.compile`` and ``torch.export`` the module uses the same Function
+    without its ``jvp`` rule (:class:`_TrainingFunction`): dynamo cannot trace a
+    custom ``jvp`` and would break the graph there.
+
+    Why an ``autograd.Function`` and not a ``torch.library.custom_op``: coverage
+    and speed, both measured by ``tools/function_vs_custom_op.py``. A custom op
+    has no forward-mode AD rule: ``forward_ad`` gives no tangent, and
+    ``torch.func.jvp`` runs but returns a wrong tangent. In eager mode the custom
+    op is also slower per call (the dispatcher, and outputs that may not alias).
+    The Function's own overhead is a few microseconds of ``inspect`` binding per
+    call, which torch adds to every Function with ``setup_context``.
+    """
+
+    @staticmethod
+    def jvp(
+        ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, _eps_t: Any
+    ) -> tuple[Tensor | None, None, None]:
+        x, weight, mean, var = ctx.saved_tensors
+        terms: list[Tensor] = []
+        if x_t is not None:  # J_x is symmetric: J_x x_t = J_x^T x_t
+            terms.append(_train_backward(x_t, x, weight, mean, var, ctx.eps)[0])
+        if weight_t is not None:  # d/dgamma: x_hat * gamma_t (plus beta_t, if any)
+            terms.append(_train_forward(x, weight_t, bias_t, ctx.eps)[0])
+        elif bias_t is not None:
+            bshape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+            terms.append(bias_t.reshape(bshape).to(x.dtype).expand(x.shape))
+        y_t = None
+        for t in terms:
+            y_t = t if y_t is None else y_t + t
+        return y_t, None, None
+
+
+# Function.apply binds default arguments with inspect.signature on every call when
+# setup_context is defined (tens of microseconds per call); a precomputed signature,
+# which inspect.signature returns as it is, makes that cheap.
+_TrainingFunction.forward.__dict__["__signature__"] = inspect.signature(_TrainingFunction.forward)
+
+
+def _apply(
+    function: type[_TrainingFunction],
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``function.apply(x, weight, bias, eps)``, typed."""
+    apply: Any = function.apply
+    y, mean, var = apply(x, weight, bias, eps)
+    return y, mean, var
 
 
 def use_compiled(enabled: bool = True) -> None:
-    """Run :class:`BatchNormFunction`'s fast kernels through ``torch.compile``.
+    """Run :class:`BatchNormFunction`'s forward and backward through ``torch.compile``.
 
-    The compiled kernels compute the same formulas, fused into a few loops,
-    at the cost of a compilation (tens of seconds on the first call of each
-    input shape, and a C++ compiler on the CPU). Off by default.
+    The compiled functions compute the same formulas (:func:`_train_forward`,
+    :func:`_train_backward`), fused into a few loops, at the cost of a
+    compilation (tens of seconds on the first call of each input shape, and a C++
+    compiler on the CPU). Off by default. Ignored inside a model compiled with
+    ``torch.compile`` (which compiles the eager code itself) and for double backward.
 
     Parameters
     ----------
     enabled : bool, default True
-        Switch the compiled kernels on (True) or back to eager (False).
+        Switch the compiled functions on (True) or back to eager (False).
     """
     global _compiled_kernels, _compiled_cache
     if enabled and _compiled_cache is None:
-        _compiled_cache = (torch.compile(_fast_forward), torch.compile(_fast_backward))
+        _compiled_cache = (torch.compile(_train_forward), torch.compile(_train_backward))
     _compiled_kernels = _compiled_cache if enabled else None
 
 
-class _BatchNorm(Module):
-    """Common base of :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`."""
+# ---------------------------------------------------------------------------
+# the modules
+# ---------------------------------------------------------------------------
 
-    _version = 2  # state_dict version 2 added num_batches_tracked, as in torch
+_SCRIPT_MESSAGE = (
+    "bnlib's {name} cannot be compiled by torch.jit.script: its training mode is a Python "
+    "torch.autograd.Function, which TorchScript does not support, and TorchScript is in "
+    "maintenance mode upstream. Use torch.compile(model) to optimise, or "
+    "torch.export.export(model, args) to obtain a graph for deployment; both support bnlib."
+)
+
+
+class _BatchNorm(_TorchBatchNorm):
+    """Common base of :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`.
+
+    A subclass of ``torch.nn.modules.batchnorm._BatchNorm`` that replaces
+    ``forward``; everything else (constructor, buffers, state dict, repr) is torch's.
+    """
+
     _input_dims: tuple[int, ...] = ()
     _dims_text: str = ""
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        factory = {"device": device, "dtype": dtype}
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    # -- initialisation ----------------------------------------------------
-    def reset_running_stats(self) -> None:
-        """Set ``running_mean`` to 0, ``running_var`` to 1, ``num_batches_tracked`` to 0."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Reset the running statistics and set ``weight`` to 1, ``bias`` to 0."""
-        self.reset_running_stats()
-        if self.affine:
-            init.ones_(self.weight)
-            if self.bias is not None:
-                init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # state dicts from before version 2 lack the counter: keep ours (0 when fresh), as torch
-            state_dict[key] = (
-                self.num_batches_tracked
-                if self.num_batches_tracked is not None
-                and self.num_batches_tracked.device != torch.device("meta")
-                else torch.tensor(0, dtype=torch.long)
-            )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    # -- forward -----------------------------------------------------------
     def _check_input(self, x: Tensor, batch_stats: bool) -> None:
         """Every check that can fail, before any state is touched."""
         if x.dim() not in self._input_dims:
@@ -292,45 +466,69 @@ class _BatchNorm(Module):
             raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx keeps torch.nn's own modules as leaves (by module path); record
+            # bnlib's as one call_module node too, instead of tracing into forward
+            tracer = input.tracer
+            path = tracer.path_of_module(self)
+            if not path:  # the root itself: torch's BatchNorm cannot be traced alone either
+                raise torch.fx.proxy.TraceError(
+                    f"torch.fx cannot trace a lone {type(self).__name__} (nor torch's): "
+                    "trace a model that contains it, e.g. torch.nn.Sequential(bn)"
+                )
+            node: Tensor = tracer.create_proxy("call_module", path, (input,), {})
+            return node
+        running_mean, running_var = self.running_mean, self.running_var
         # batch statistics in training, and in eval when there are no running statistics
-        use_batch_stats = self.training or self.running_mean is None
-        update_stats = self.training and self.track_running_stats
+        use_batch_stats = self.training or running_mean is None or running_var is None
         self._check_input(input, use_batch_stats)
 
         if not use_batch_stats:
-            return F.batch_norm_inference(
-                input, self.weight, self.bias, self.running_mean, self.running_var, self.eps
-            )
+            assert running_mean is not None and running_var is not None
+            return _eval_forward(input, running_mean, running_var, self.weight, self.bias, self.eps)
+        update_stats = self.training and self.track_running_stats
         if input.numel() == 0:  # empty batch, as torch: empty output, statistics unchanged
             if update_stats:
-                self.num_batches_tracked.add_(1)
+                self._count_batch()
             C = self.num_features
-            return F.batch_norm_inference(
-                input, self.weight, self.bias, input.new_zeros(C), input.new_ones(C), self.eps
-            )
+            zeros, ones = input.new_zeros(C), input.new_ones(C)
+            return _eval_forward(input, zeros, ones, self.weight, self.bias, self.eps)
 
-        y, mean, var = BatchNormFunction.apply(input, self.weight, self.bias, self.eps)
+        function = _TrainingFunction if torch.compiler.is_compiling() else BatchNormFunction
+        y, mean, var = _apply(function, input, self.weight, self.bias, self.eps)
         if update_stats:
             self._update_running_stats(mean, var, input.numel() // input.shape[1])
         return y
 
+    def _count_batch(self) -> Tensor:
+        count = self.num_batches_tracked
+        assert count is not None
+        return count.add_(1)
+
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, m: int) -> None:
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(self.num_batches_tracked)
-        else:
-            factor = self.momentum
+        running_mean, running_var = self.running_mean, self.running_var
+        assert running_mean is not None and running_var is not None
+        if _is_batched(mean) and not (_is_batched(running_mean) and _is_batched(running_var)):
+            raise RuntimeError(
+                f"{type(self).__name__} under torch.func.vmap: the batch statistics are "
+                "batched but running_mean/running_var, which training updates in place, "
+                "are not. Use track_running_stats=False, "
+                "torch.func.replace_all_batch_norm_modules_(model), eval mode, or pass "
+                "batched buffers (torch.func.functional_call)."
+            )
+        count = self._count_batch()
+        factor = 1.0 / float(count) if self.momentum is None else self.momentum
         unbiased_var = var * (m / (m - 1))
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        running_var.lerp_(unbiased_var.to(running_var.dtype), factor)
+
+    def __prepare_scriptable__(self) -> Module:
+        """Called by ``torch.jit.script``: refuse, naming the alternatives."""
+        raise RuntimeError(_SCRIPT_MESSAGE.format(name=type(self).__name__))
 
 
-class BatchNorm1d(_BatchNorm):
-    """Batch normalisation over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input.
-
-    A drop-in replacement for :class:`torch.nn.BatchNorm1d`, computed by bnlib.
-
+_PARAMETERS_DOC = """
     Parameters
     ----------
     num_features : int
@@ -349,83 +547,116 @@ class BatchNorm1d(_BatchNorm):
         Where and in which dtype to create parameters and buffers.
     bias : bool, default True (keyword only)
         With ``affine``, whether to learn the shift β.
+"""
 
+
+class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
+    __doc__ = (
+        """Batch normalisation over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input.
+
+    A subclass of :class:`torch.nn.BatchNorm1d` computed by bnlib (a drop-in
+    replacement: same constructor, state dict and repr).
+"""
+        + _PARAMETERS_DOC
+        + """
     Shape
     -----
     Input ``(N, C)`` or ``(N, C, L)``; output the same.
     """
+    )
 
     _input_dims = (2, 3)
     _dims_text = "2D or 3D"
 
 
-class BatchNorm2d(_BatchNorm):
-    """Batch normalisation over a 4D ``(N, C, H, W)`` input, one (γ, β) per channel.
+class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
+    __doc__ = (
+        """Batch normalisation over a 4D ``(N, C, H, W)`` input, one (γ, β) per channel.
 
-    A drop-in replacement for :class:`torch.nn.BatchNorm2d`, computed by bnlib.
-    Statistics are taken over ``N``, ``H`` and ``W``: ``m = N·H·W`` values per
-    channel. Parameters as for :class:`BatchNorm1d`.
-
+    A subclass of :class:`torch.nn.BatchNorm2d` computed by bnlib (a drop-in
+    replacement). Statistics are taken over ``N``, ``H`` and ``W``: ``m = N·H·W``
+    values per channel.
+"""
+        + _PARAMETERS_DOC
+        + """
     Shape
     -----
     Input ``(N, C, H, W)``; output the same.
     """
+    )
 
     _input_dims = (4,)
     _dims_text = "4D"
 
 
-class BatchNorm3d(_BatchNorm):
-    """Batch normalisation over a 5D ``(N, C, D, H, W)`` input.
+class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
+    __doc__ = (
+        """Batch normalisation over a 5D ``(N, C, D, H, W)`` input.
 
-    A drop-in replacement for :class:`torch.nn.BatchNorm3d`, computed by bnlib.
-    Parameters as for :class:`BatchNorm1d`.
-
+    A subclass of :class:`torch.nn.BatchNorm3d` computed by bnlib (a drop-in
+    replacement).
+"""
+        + _PARAMETERS_DOC
+        + """
     Shape
     -----
     Input ``(N, C, D, H, W)``; output the same.
     """
+    )
 
     _input_dims = (5,)
     _dims_text = "5D"
 
 
-_REPLACEMENTS = {
+_REPLACEMENTS: dict[type[Module], type[_BatchNorm]] = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
 }
 
 
-def _converted(bn: torch.nn.modules.batchnorm._BatchNorm) -> _BatchNorm:
-    ref = bn.weight if bn.weight is not None else bn.running_mean
-    factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-    new = _REPLACEMENTS[type(bn)](
-        bn.num_features,
-        eps=bn.eps,
-        momentum=bn.momentum,
-        affine=bn.affine,
-        track_running_stats=bn.track_running_stats,
-        bias=bn.bias is not None,
-        **factory,
-    )
-    with torch.no_grad():
-        new.load_state_dict(bn.state_dict())
-    if bn.weight is not None:
-        new.weight.requires_grad_(bn.weight.requires_grad)
-    if bn.bias is not None:
-        new.bias.requires_grad_(bn.bias.requires_grad)
-    new.train(bn.training)
-    return new
+def _register_fusers() -> None:
+    """Let ``torch.ao.quantization.fuse_modules`` fold bnlib BN into a preceding
+    Conv/ConvTranspose/Linear, as it does torch's. Its fuser table is keyed by
+    exact module types, so bnlib's classes are added beside torch's (the same
+    fuser functions: they only read the BN's parameters and running statistics)."""
+    from torch.ao.quantization import fuser_method_mappings as fmm
+
+    table = fmm._DEFAULT_OP_LIST_TO_FUSER_METHOD
+    folding = {fmm.fuse_conv_bn, fmm.fuse_conv_bn_relu, fmm.fuse_linear_bn}
+    folding.add(fmm.fuse_convtranspose_bn)
+    for ops, fuser in list(table.items()):
+        if fuser in folding:
+            ours = tuple(_REPLACEMENTS.get(op, op) for op in ops)
+            table.setdefault(ours, fuser)
+
+
+_register_fusers()
 
 
 def convert(module: Module) -> Module:
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` with bnlib's.
+    """Make every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` a bnlib BatchNorm, in place.
 
-    Parameters, buffers, ``requires_grad`` flags, the training flag, device and
-    dtype are kept, so the converted model computes the same function. Modules
-    are replaced in place; the (possibly new) root module is returned, so
-    ``convert(torch.nn.BatchNorm2d(3))`` works too.
+    Each such module's class is changed to bnlib's subclass (as torch's lazy
+    modules change class when they materialise). Nothing else changes: the
+    module objects, their Parameter and buffer objects (an optimizer built
+    before ``convert`` keeps updating them), hooks, attributes, training flags,
+    devices and dtypes all stay. A module shared by several parents, or
+    registered under several names, is the same object afterwards, converted
+    once.
+
+    What is left as it is:
+
+    - bnlib's own modules;
+    - subclasses of torch's BatchNorm classes (user subclasses may override
+      ``forward`` or add state) and ``torch.nn.SyncBatchNorm`` (bnlib has no
+      cross-process statistics): left as torch's, with a ``UserWarning``
+      naming each;
+    - other normalisation layers (``InstanceNorm``, ``LayerNorm``, ...).
+
+    An uninitialised ``torch.nn.LazyBatchNorm1d/2d/3d`` raises a ``ValueError``
+    before anything is changed: run one forward pass first (the lazy module then
+    becomes a plain ``torch.nn.BatchNorm*d``, which ``convert`` handles).
 
     Parameters
     ----------
@@ -434,13 +665,31 @@ def convert(module: Module) -> Module:
     Returns
     -------
     torch.nn.Module
-        ``module`` itself, or the replacement if ``module`` is itself a
-        BatchNorm layer.
+        ``module`` itself (now a bnlib BatchNorm if it was a torch one).
     """
-    if type(module) in _REPLACEMENTS:
-        return _converted(module)
-    for name, child in module.named_children():
-        new_child = convert(child)
-        if new_child is not child:
-            setattr(module, name, new_child)
+    targets: list[Module] = []
+    skipped: list[str] = []
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.modules.lazy.LazyModuleMixin) and isinstance(
+            m, torch.nn.modules.batchnorm._NormBase
+        ):
+            if m.has_uninitialized_params():
+                raise ValueError(
+                    f"convert: {name or 'the module'} is an uninitialised "
+                    f"{type(m).__name__}; call the model once on an example input so "
+                    "that it materialises, then convert"
+                )
+        if type(m) in _REPLACEMENTS:
+            targets.append(m)
+        elif isinstance(m, _TorchBatchNorm) and not isinstance(m, _BatchNorm):
+            skipped.append(f"{name or '(root)'} ({type(m).__module__}.{type(m).__qualname__})")
+    if skipped:
+        warnings.warn(
+            "convert left these BatchNorm modules as they are (subclasses of torch's "
+            "BatchNorm and SyncBatchNorm are not converted): " + ", ".join(skipped),
+            UserWarning,
+            stacklevel=2,
+        )
+    for m in targets:
+        m.__class__ = _REPLACEMENTS[type(m)]
     return module

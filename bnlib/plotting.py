@@ -7,6 +7,8 @@ carries random ids that nbval would compare).
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["BOOK_COLORS", "use_book_style"]
 
 #: Colour cycle used across the book (colour-blind friendly; Okabe & Ito).
@@ -48,8 +50,9 @@ def use_book_style(figsize: tuple[float, float] = (6.4, 3.6)) -> None:
 
         shell = get_ipython()
         if shell is not None:
-            from matplotlib_inline.backend_inline import set_matplotlib_formats
+            from matplotlib_inline import backend_inline
 
-            set_matplotlib_formats("retina")
+            set_formats: Any = backend_inline.set_matplotlib_formats  # untyped upstream
+            set_formats("retina")
     except ImportError:
         pass
