@@ -1,127 +1,262 @@
-"""Benchmark: training-mode forward + backward, bnlib against torch's native BatchNorm.
+"""Benchmark bnlib's BatchNorm against torch's native kernel, with a roofline.
 
-Run ``python -m bnlib.bench`` (``--help`` for options). For each shape it times
+Run ``python -m bnlib.bench`` (``--help`` for the options). For each shape and
+memory layout, in float32 on the CPU, it times
 
-- ``bnlib.functional`` on NumPy arrays (forward + compact backward),
-- ``bnlib.nn`` on torch tensors (module forward + ``backward``), eager and
-  with :func:`bnlib.nn.use_compiled`,
-- ``torch.nn`` native BatchNorm (the reference),
+- ``train``: forward + backward of a training-mode BN (module call and
+  ``backward``), and
+- ``eval``: an inference-mode forward,
 
-in float32 on the CPU, and on CUDA too where a GPU is present. The
-implementations take turns inside each repeat (interleaved), so a slow phase
-of the machine hits all of them alike; the table reports medians and, in the
-last column, the ratio to native.
+for three implementations: ``bnlib.nn`` (the module, whatever path it takes by
+default), ``bnlib.kernels`` (the fused kernels called directly, without
+autograd) and ``torch.nn`` (native, the reference). The implementations and a
+plain tensor copy take turns inside every repeat (interleaved), so a slow phase
+of a shared machine hits all of them alike. Columns:
+
+- ``median ms``: the median time of one call;
+- ``x native``: the median over repeats of the per-repeat ratio to native;
+- ``% roofline``: the time a memory-bound kernel would need, as a percentage of
+  the measured time. The bandwidth comes from the copy ``y.copy_(x)`` of a tensor
+  of the same size in the same run (one read and one write per copy). The
+  training step needs at least 8 input-sized passes over memory (forward: read
+  ``x`` for the statistics, read ``x`` and write ``y``; backward: read ``dy`` and
+  ``x`` for the two sums, read both and write ``dx``), inference 2 (read ``x``,
+  write ``y``). The copy writes half the bytes it moves, the training step a
+  quarter; writes usually cost more than reads, so a fused training step can
+  reach about 100 % or slightly more of this roofline.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 
-from . import functional as F
+from . import kernels
 from . import nn as bnn
 
-SHAPES = [(64, 64, 32, 32), (256, 1024)]
+#: (shape, channels_last) cases of the default run.
+CASES: list[tuple[tuple[int, ...], bool]] = [
+    ((64, 64, 32, 32), False),
+    ((64, 64, 32, 32), True),
+    ((256, 1024), False),
+    ((32, 256, 14, 14), False),
+    ((32, 256, 14, 14), True),
+]
+#: Input-sized passes over memory that a kernel cannot avoid.
+PASSES = {"train": 8, "eval": 2}
+NATIVE = "torch.nn (native)"
 
 
-def _modules(shape, device):
-    C = shape[1]
+def _bn_classes(rank: int) -> tuple[type, type]:
     ours = {2: bnn.BatchNorm1d, 3: bnn.BatchNorm1d, 4: bnn.BatchNorm2d, 5: bnn.BatchNorm3d}
-    theirs = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-              5: torch.nn.BatchNorm3d}
-    return ours[len(shape)](C, device=device), theirs[len(shape)](C, device=device)
+    theirs = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}
+    theirs[5] = torch.nn.BatchNorm3d
+    return ours[rank], theirs[rank]
 
 
-def _cases(shape, device: str, compiled: bool) -> dict[str, Callable[[], None]]:
-    gen = torch.Generator().manual_seed(0)
-    x_cpu = torch.randn(shape, generator=gen)
-    dy_cpu = torch.randn(shape, generator=gen)
-    x = x_cpu.clone().to(device).requires_grad_()
-    dy = dy_cpu.to(device)
-    ours, native = _modules(shape, device)
-
-    def run_module(module):
-        def step():
-            x.grad = None
-            module(x).backward(dy)
-        return step
-
-    cases = {}
-    if device == "cpu":
-        xn, dyn = x_cpu.numpy(), dy_cpu.numpy()
-        gamma, beta = np.ones(shape[1], np.float32), np.zeros(shape[1], np.float32)
-
-        def numpy_step():
-            _, cache = F.batch_norm_forward(xn, gamma, beta)
-            F.batch_norm_backward(dyn, cache)
-
-        cases["bnlib.functional (NumPy)"] = numpy_step
-    cases["bnlib.nn (torch, eager)"] = run_module(ours)
-    if compiled:
-        ours_compiled = _modules(shape, device)[0]
-        eager_step = run_module(ours_compiled)
-
-        def compiled_step():
-            bnn.use_compiled(True)
-            try:
-                eager_step()
-            finally:
-                bnn.use_compiled(False)
-
-        cases["bnlib.nn (torch.compile)"] = compiled_step
-    cases["torch.nn (native)"] = run_module(native)
-    return cases
+def _input(shape: tuple[int, ...], channels_last: bool, seed: int) -> torch.Tensor:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if channels_last:
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    return x
 
 
-def bench(
-    shape, device: str, repeats: int, compiled: bool = True, warmup: int = 3
-) -> dict[str, float]:
-    """Median seconds per forward+backward of each implementation, interleaved.
+def _steps(shape: tuple[int, ...], channels_last: bool, mode: str) -> dict[str, Callable[[], Any]]:
+    """The timed callables of one case, keyed by implementation name."""
+    x = _input(shape, channels_last, 0)
+    dy = _input(shape, channels_last, 1)
+    C = shape[1]
+    Ours, Theirs = _bn_classes(len(shape))
+    ours, native = Ours(C), Theirs(C)
+    out = torch.empty_like(x)
+    steps: dict[str, Callable[[], Any]] = {}
+    if mode == "train":
+        xg = x.clone().requires_grad_()
 
-    The warm-up rounds absorb torch.compile's compilation.
-    """
-    cases = _cases(shape, device, compiled)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for i in range(warmup + repeats):
-        for name, step in cases.items():
-            sync()
-            t0 = time.perf_counter()
+        def module_step(module: torch.nn.Module) -> Callable[[], Any]:
+            def step() -> None:
+                xg.grad = None
+                module(xg).backward(dy)
+
+            return step
+
+        steps["bnlib.nn"] = module_step(ours)
+        if kernels.supports(x):
+            w, b = ours.weight.detach(), ours.bias.detach()
+
+            def fused_step() -> None:
+                # y stays alive through the backward pass, as in a network
+                y, mean, var = kernels.train_forward(x, w, b, 1e-5)
+                dx, _, _ = kernels.train_backward(dy, x, w, mean, var, 1e-5)
+                del y, dx
+
+            steps["bnlib.kernels"] = fused_step
+        steps[NATIVE] = module_step(native)
+    else:
+        ours.eval()
+        native.eval()
+
+        def eval_step(module: torch.nn.Module) -> Callable[[], Any]:
+            def step() -> None:
+                with torch.no_grad():
+                    module(x)
+
+            return step
+
+        steps["bnlib.nn"] = eval_step(ours)
+        if kernels.supports(x):
+            rm, rv, w, b = ours.running_mean, ours.running_var, ours.weight, ours.bias
+
+            def fused_eval() -> None:
+                kernels.eval_forward(x, rm, rv, w.detach(), b.detach(), 1e-5)
+
+            steps["bnlib.kernels"] = fused_eval
+        steps[NATIVE] = eval_step(native)
+    steps["copy"] = lambda: out.copy_(x)
+    return steps
+
+
+def _time(step: Callable[[], Any], inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        step()
+    return (time.perf_counter() - t0) / inner
+
+
+def bench_case(
+    shape: tuple[int, ...], channels_last: bool, mode: str, repeats: int, warmup: int = 2
+) -> list[dict[str, Any]]:
+    """Time one case; one result row per implementation (see the module docstring)."""
+    steps = _steps(shape, channels_last, mode)
+    for step in steps.values():  # compile, allocate, fault pages in
+        for _ in range(warmup):
             step()
-            sync()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    # calls per sample: enough for about 2 ms with the slowest implementation
+    slowest = max(_time(step, 1) for step in steps.values())
+    inner = max(1, min(100, round(2e-3 / max(slowest, 1e-7))))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(_time(step, inner))
+    rows = []
+    passes = PASSES[mode]
+    nbytes = torch.Size(shape).numel() * 4
+    for name, ts in times.items():
+        if name == "copy":
+            continue
+        ratios = [t / n for t, n in zip(ts, times[NATIVE], strict=True)]
+        # roofline time of one call = passes * (time of one pass); a copy makes 2 passes
+        roof = [passes * c / 2 / t for t, c in zip(ts, times["copy"], strict=True)]
+        rows.append(
+            {
+                "shape": list(shape),
+                "layout": "channels_last" if channels_last else "contiguous",
+                "mode": mode,
+                "implementation": name,
+                "median_ms": statistics.median(ts) * 1e3,
+                "x_native": statistics.median(ratios),
+                "pct_roofline": 100 * statistics.median(roof),
+                "copy_GBps": 2 * nbytes / statistics.median(times["copy"]) / 1e9,
+            }
+        )
+    return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30, help="timed repeats per case")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip the torch.compile variant (it needs a C++ compiler)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__}, numpy {np.__version__}, "
-          f"torch threads {torch.get_num_threads()}, repeats {args.repeats}, float32")
-    if "cuda" in devices:
-        print(f"cuda: {torch.cuda.get_device_name()}")
-    header = f"{'device':6} {'shape':18} {'implementation':27} {'median ms':>10} {'x native':>9}"
-    print(header)
-    print("-" * len(header))
-    for device in devices:
-        for shape in SHAPES:
-            result = bench(shape, device, args.repeats, compiled=not args.no_compile)
-            native = result["torch.nn (native)"]
-            for name, sec in result.items():
-                print(f"{device:6} {str(shape):18} {name:27} {sec * 1e3:10.3f} {sec / native:9.2f}")
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"shape must look like 64x64x32x32, got {text!r}"
+        ) from None
+    if not 2 <= len(shape) <= 5 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"shape needs 2 to 5 positive sizes, got {text!r}")
+    return shape
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m bnlib.bench``."""
+    p = argparse.ArgumentParser(
+        prog="python -m bnlib.bench",
+        description=(__doc__ or "").splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--repeats", type=_positive, default=15, help="timed repeats per case (>= 1)")
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=torch.get_num_threads(),
+        help="CPU threads for torch and the kernels (>= 1)",
+    )
+    p.add_argument(
+        "--shape",
+        type=_shape,
+        action="append",
+        default=None,
+        help="a shape such as 64x64x32x32, repeatable; 4-D and 5-D shapes also run "
+        "channels_last (default: the issue's three shapes)",
+    )
+    p.add_argument("--mode", choices=["train", "eval", "both"], default="both", help="what to time")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    args = parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.shape:
+        cases = [(s, False) for s in args.shape] + [(s, True) for s in args.shape if len(s) >= 4]
+    else:
+        cases = CASES
+    modes = ["train", "eval"] if args.mode == "both" else [args.mode]
+    rows = []
+    for mode in modes:
+        for shape, channels_last in cases:
+            rows.extend(bench_case(shape, channels_last, mode, args.repeats))
+    info = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "dtype": "float32",
+        "kernels": kernels.supports(torch.zeros(2, 2)),
+    }
+    if args.json:
+        json.dump({"info": info, "results": rows}, sys.stdout, indent=1)
+        print()
+        return rows
+    print(", ".join(f"{k} {v}" for k, v in info.items()))
+    print(f"roofline: train {PASSES['train']} passes, eval {PASSES['eval']} passes over the input")
+    head = (
+        f"{'mode':5} {'shape':17} {'layout':13} {'implementation':17} "
+        f"{'median ms':>9} {'x native':>8} {'% roofline':>10}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{r['mode']:5} {'x'.join(map(str, r['shape'])):17} {r['layout']:13} "
+            f"{r['implementation']:17} {r['median_ms']:9.3f} {r['x_native']:8.2f} "
+            f"{r['pct_roofline']:10.0f}"
+        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ from torch import Tensor
 from torch.nn import Module
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
+from . import kernels
+
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
@@ -94,6 +96,8 @@ def _train_forward(
     torch.func transform (an in-place update of an unbatched tensor by a
     batched one is not allowed).
     """
+    if not _eager_required(x, weight, bias) and kernels.supports(x):
+        return kernels.train_forward(x, weight, bias, eps)  # fused CPU kernels
     axes, bshape, m = _layout(x)
     xf = _compute(x)
     mean0 = xf.mean(axes, keepdim=True)
@@ -137,6 +141,8 @@ def _train_backward(
     it where there is no bias. The input-sized temporaries are updated in place
     only where that is safe (:func:`_plain`).
     """
+    if not _eager_required(dy, x, weight, mean, var) and kernels.supports(x):
+        return kernels.train_backward(dy, x, weight, mean, var, eps)
     axes, bshape, m = _layout(x)
     g = _compute(dy)
     xc = _compute(x) - mean.reshape(bshape)
@@ -171,6 +177,8 @@ def _eval_forward(
     An affine map per channel, differentiable in every argument; the result has
     ``x``'s dtype (computed in float32 for float16/bfloat16).
     """
+    if not _eager_required(x, running_mean, running_var, weight, bias) and kernels.supports(x):
+        return kernels.eval_forward(x, running_mean, running_var, weight, bias, eps)
     _, bshape, _ = _layout(x)
     xf = _compute(x)
     mean = running_mean.reshape(bshape).to(xf.dtype)

@@ -1,0 +1,70 @@
+"""python -m bnlib.bench: a tiny run of every case kind, and the CLI's argument checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bnlib import bench
+
+
+@pytest.fixture
+def keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_run_json(capsys, keep_threads):
+    rows = bench.main(["--repeats", "1", "--shape", "4x3x5x5", "--shape", "6x4", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["results"] == rows
+    assert out["info"]["repeats"] == 1
+    # train and eval, for NCHW, NHWC and (N, D): three implementations each
+    cases = {(tuple(r["shape"]), r["layout"], r["mode"]) for r in rows}
+    assert len(cases) == 6
+    for r in rows:
+        assert r["median_ms"] > 0 and r["pct_roofline"] > 0 and r["copy_GBps"] > 0
+        if r["implementation"] == bench.NATIVE:
+            assert r["x_native"] == 1.0
+    names = {r["implementation"] for r in rows}
+    assert {"bnlib.nn", bench.NATIVE} <= names
+
+
+def test_table(capsys, keep_threads):
+    bench.main(["--repeats", "1", "--threads", "1", "--mode", "eval", "--shape", "3x2x4"])
+    out = capsys.readouterr().out
+    assert "threads 1" in out and "% roofline" in out and "x native" in out
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "must be >= 1, got 0"),
+        (["--repeats", "-3"], "must be >= 1, got -3"),
+        (["--threads", "0"], "must be >= 1, got 0"),
+        (["--threads", "two"], "expected an integer >= 1, got 'two'"),
+        (["--shape", "5"], "2 to 5 positive sizes"),
+        (["--shape", "4xa"], "shape must look like"),
+        (["--mode", "fast"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("usage: python -m bnlib.bench")
+
+
+def test_help_shows_defaults_and_the_module_name():
+    out = subprocess.run(
+        [sys.executable, "-m", "bnlib.bench", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.startswith("usage: python -m bnlib.bench")
+    assert "(default: 15)" in out and "(default: both)" in out
