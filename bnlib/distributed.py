@@ -79,6 +79,7 @@ from torch.nn import Module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
+from .nn import _check_eps, _check_features
 
 __all__ = [
     "SyncBatchNorm",
@@ -322,19 +323,8 @@ class SyncBatchNorm(_BatchNorm):
     def _check_input(self, x: Tensor, batch_stats: bool) -> None:
         """Every local check that can fail, before any state is touched or any message sent."""
         self._check_input_dim(x)
-        if not x.is_floating_point():
-            raise NotImplementedError(
-                f"batch_norm is not implemented for {x.dtype} input (floating point only)"
-            )
-        if x.shape[1] != self.num_features:
-            raise RuntimeError(
-                f"expected input with {self.num_features} channels (num_features), "
-                f"got {x.shape[1]} channels (input shape {list(x.shape)})"
-            )
-        if batch_stats and not self.eps > 0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        if not batch_stats and not self.eps >= 0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
+        _check_features(x, self.num_features)
+        _check_eps(self.eps, batch_stats)
 
     def forward(self, input: Tensor) -> Tensor:
         use_batch_stats = self.training or self.running_mean is None

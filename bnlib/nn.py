@@ -450,15 +450,7 @@ class _BatchNorm(_TorchBatchNorm):
         """Every check that can fail, before any state is touched."""
         if x.dim() not in self._input_dims:
             raise ValueError(f"expected {self._dims_text} input (got {x.dim()}D input)")
-        if not x.is_floating_point():
-            raise NotImplementedError(
-                f"batch_norm is not implemented for {x.dtype} input (floating point only)"
-            )
-        if x.shape[1] != self.num_features:
-            raise RuntimeError(
-                f"expected input with {self.num_features} channels (num_features), "
-                f"got {x.shape[1]} channels (input shape {list(x.shape)})"
-            )
+        _check_features(x, self.num_features)
         if batch_stats:
             values_per_channel = x.shape[0] * math.prod(x.shape[2:])
             if values_per_channel == 1:
@@ -466,14 +458,9 @@ class _BatchNorm(_TorchBatchNorm):
                     "Expected more than 1 value per channel when training, "
                     f"got input size {x.shape}"
                 )
-            if not self.eps > 0:
-                raise ValueError(
-                    f"batch_norm eps must be positive during training, but got {self.eps}"
-                )
-            if self.training and self.track_running_stats:
-                _check_momentum(self.momentum)  # before num_batches_tracked is counted
-        elif not self.eps >= 0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
+        _check_eps(self.eps, batch_stats)
+        if batch_stats and self.training and self.track_running_stats:
+            _check_momentum(self.momentum)  # before num_batches_tracked is counted
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
@@ -835,6 +822,27 @@ def _check_floating(x: Tensor, what: str) -> None:
         raise NotImplementedError(
             f"{what} is not implemented for {x.dtype} input (floating point only)"
         )
+
+
+def _check_features(x: Tensor, num_features: int) -> None:
+    """A floating-point input with ``num_features`` channels (axis 1), or torch's errors."""
+    if not x.is_floating_point():
+        raise NotImplementedError(
+            f"batch_norm is not implemented for {x.dtype} input (floating point only)"
+        )
+    if x.shape[1] != num_features:
+        raise RuntimeError(
+            f"expected input with {num_features} channels (num_features), "
+            f"got {x.shape[1]} channels (input shape {list(x.shape)})"
+        )
+
+
+def _check_eps(eps: float, batch_stats: bool) -> None:
+    """eps > 0 when batch statistics are used (training), eps >= 0 with running ones."""
+    if batch_stats and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not batch_stats and not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def _check_momentum(momentum: object) -> None:
