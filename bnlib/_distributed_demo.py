@@ -157,6 +157,7 @@ def train(
     lr: float = 0.1,
     noise_draws: int = 0,
     data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    perturb: float = 0.0,
 ) -> dict[str, Any]:
     """Train the MLP on digits with global batches of ``per * devices`` examples.
 
@@ -168,9 +169,17 @@ def train(
     :class:`PerDeviceBatchNorm`, ``"sync"`` as one BN on the whole batch.
     ``sync_buffers`` is DDP's ``forward_sync_buffers`` (``broadcast_buffers``
     before torch 2.13). ``data`` is :func:`digits`'s tuple (loaded here if None).
+    ``perturb`` multiplies every initial parameter by ``1 + perturb * N(0, 1)``
+    (its own generator), for testing how much the trained state depends on tiny
+    changes such as another CPU's rounding.
     """
     X, Y, Xt, Yt = digits() if data is None else data
     model = make_model(seed)
+    if perturb:
+        gen = torch.Generator().manual_seed(99)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + perturb * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     if mode == "sync" and world > 1:
         convert_sync_batchnorm(model)
     if mode == "per-device" and world == 1:

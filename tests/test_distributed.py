@@ -569,3 +569,21 @@ def test_one_collective_per_forward_and_per_backward(monkeypatch):
     assert x.grad is not None and x2.grad is not None
     assert_close(x.grad, x2.grad[:3])
     assert_close(bn.running_var, ref.running_var)
+
+
+def test_chapter_train_perturb_changes_the_start_by_the_given_relative_amount():
+    """``perturb`` is the chapter's sensitivity test: every initial parameter is scaled by
+    1 + perturb * N(0, 1). Zero steps keep the initial state, so the change is measurable
+    directly; perturb=0 must leave the run bit for bit as it was."""
+    from bnlib import _distributed_demo as demo
+
+    data = demo.digits()
+    kw = {"seed": 2, "per": 2, "steps": 0, "devices": 2, "data": data}
+    plain = demo.train(0, 1, "sync", **kw)["tensors"]
+    same = demo.train(0, 1, "sync", perturb=0.0, **kw)["tensors"]
+    moved = demo.train(0, 1, "sync", perturb=1e-6, **kw)["tensors"]
+    assert all(torch.equal(a, b) for a, b in zip(plain, same, strict=True))
+    weight, again = plain[0], moved[0]  # the first linear layer's weight
+    rel = ((again - weight) / weight).abs()
+    assert 1e-8 < float(rel.max()) < 1e-5 and float(rel.median()) > 1e-8
+    assert torch.equal(plain[-1], moved[-1])  # buffers (num_batches_tracked) untouched
