@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["fmt", "print_table"]
+__all__ = ["below", "fmt", "print_table"]
 
 
 def _scalar(v: float, sig: int) -> str:
@@ -61,6 +61,31 @@ def fmt(value: Any, sig: int = 4) -> str:
     if isinstance(value, Iterable) and not isinstance(value, str):
         return "[" + ", ".join(fmt(v, sig) for v in value) + "]"
     return str(value)
+
+
+def below(err: float, tol: float = 1e-12, sig: int = 2) -> str:
+    """A tiny error printed as a bound: ``'< tol'`` when ``err < tol``, else the value.
+
+    Rounding errors depend on the order in which a CPU adds numbers up, so
+    their digits differ between machines; the bound does not. An error at or
+    above ``tol`` (or NaN) is printed with :func:`fmt`, so a cell that checks a
+    formula still shows when the formula is wrong.
+
+    Examples
+    --------
+    >>> below(2.2e-16)
+    '< 1e-12'
+    >>> below(3.14159e-3, tol=1e-6)
+    '0.0031'
+    """
+    err = float(err)
+    if err < 0:
+        raise ValueError(f"below() takes an error (an absolute value or a norm, >= 0); got {err}")
+    if not tol > 0:
+        raise ValueError(f"below() needs a tolerance > 0; got {tol}")
+    if err < tol:
+        return f"< {tol:g}"
+    return _scalar(err, sig)
 
 
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], sig: int = 4) -> None:

@@ -12,7 +12,7 @@ from _helpers import DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnlib.printing import fmt, print_table
+from bnlib.printing import below, fmt, print_table
 
 
 @pytest.mark.parametrize(
@@ -145,3 +145,36 @@ def test_print_table_row_length_must_match_headers():
         print_table(["a", "b"], [[1, 2, 3]])
     with pytest.raises((ValueError, IndexError)):
         print_table(["a", "b"], [[1]])
+
+
+@pytest.mark.parametrize(
+    "err, tol, expected",
+    [
+        (2.2e-16, 1e-12, "< 1e-12"),
+        (0.0, 1e-12, "< 1e-12"),
+        (1e-12, 1e-12, "1e-12"),  # not below: the value itself
+        (3.14159e-3, 1e-6, "0.0031"),
+        (float("nan"), 1e-12, "nan"),  # a broken check must show, not hide behind the bound
+        (float("inf"), 1e-12, "inf"),
+        (np.float32(1e-9), 1e-6, "< 1e-06"),
+    ],
+)
+def test_below_prints_a_bound_or_the_value(err, tol, expected):
+    assert below(err, tol) == expected
+
+
+def test_below_of_a_tensor_scalar_and_default_tolerance():
+    assert below(torch.tensor(5e-16, dtype=torch.float64)) == "< 1e-12"
+
+
+@given(st.floats(min_value=0, max_value=1e-13), st.floats(min_value=0, max_value=1e-13))
+@settings(max_examples=50, deadline=None)
+def test_below_hides_the_digits_that_rounding_changes(a, b):
+    """Two machines' rounding errors, however different, print the same line."""
+    assert below(a, 1e-12) == below(b, 1e-12)
+
+
+@pytest.mark.parametrize("err, tol", [(-1e-16, 1e-12), (1e-16, 0.0), (1e-16, -1.0)])
+def test_below_rejects_negative_errors_and_non_positive_tolerances(err, tol):
+    with pytest.raises(ValueError, match="below"):
+        below(err, tol)
