@@ -13,17 +13,28 @@ autograd) and ``torch.nn`` (native, the reference). The implementations and a
 plain tensor copy take turns inside every repeat (interleaved), so a slow phase
 of a shared machine hits all of them alike. Columns:
 
-- ``median ms``: the median time of one call;
+- ``median ms``: the median time of one call (``q1_ms``, ``q3_ms``: the quartiles
+  over the repeats, the spread);
 - ``x native``: the median over repeats of the per-repeat ratio to native;
 - ``% roofline``: the time a memory-bound kernel would need, as a percentage of
   the measured time. The bandwidth comes from the copy ``y.copy_(x)`` of a tensor
-  of the same size in the same run (one read and one write per copy). The
+  of the same size in the same run (one read and one write per copy), timed with
+  the same estimator (median over the same repeats). The
   training step needs at least 8 input-sized passes over memory (forward: read
   ``x`` for the statistics, read ``x`` and write ``y``; backward: read ``dy`` and
   ``x`` for the two sums, read both and write ``dx``), inference 2 (read ``x``,
   write ``y``). The copy writes half the bytes it moves, the training step a
   quarter; writes usually cost more than reads, so a fused training step can
   reach about 100 % or slightly more of this roofline.
+- ``copy_GBps``: the bandwidth of the interleaved copy; ``reference_GBps``: the
+  memory bandwidth of the run, :func:`copy_bandwidth` of a tensor larger than
+  the caches, with the same estimator. ``consistent`` is true when the case's
+  copy is no more than :data:`AGREE` times slower than the reference (a cached
+  copy may be faster, never that much slower) and its quartiles lie within a
+  factor :data:`AGREE` of each other. A case that fails it ran while the
+  machine's speed changed (another process, frequency scaling, a thread pool
+  that had not gone to sleep): its ratios and roofline percentages must not be
+  used to judge a target. The table marks such rows with ``!``.
 """
 
 from __future__ import annotations
@@ -52,6 +63,12 @@ CASES: list[tuple[tuple[int, ...], bool]] = [
 #: Input-sized passes over memory that a kernel cannot avoid.
 PASSES = {"train": 8, "eval": 2}
 NATIVE = "torch.nn (native)"
+#: Largest factor by which a case's copy may be slower than the reference, or its quartiles
+#: apart, before the case counts as inconsistent.
+AGREE = 2.0
+#: Elements of the reference copy: 64 MiB of float32, more than the last-level cache one core
+#: sees on common CPUs, so that it measures the memory's bandwidth.
+REFERENCE_NUMEL = 2**24
 
 
 def _bn_classes(rank: int) -> tuple[type, type]:
@@ -131,10 +148,40 @@ def _time(step: Callable[[], Any], inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
+def copy_bandwidth(numel: int = REFERENCE_NUMEL, repeats: int = 15) -> dict[str, float]:
+    """Bandwidth of ``y.copy_(x)`` for float32 tensors of ``numel`` values, in GB/s.
+
+    One read and one write per value; the median over ``repeats`` calls, and the
+    quartiles (``q1_GBps`` is the slower one), at torch's current thread count.
+    """
+    x = torch.randn(numel)
+    out = torch.empty_like(x)
+    out.copy_(x)  # fault the pages in
+    ts = [_time(lambda: out.copy_(x), 1) for _ in range(repeats)]
+    q1, q3 = _quartiles(ts)
+    nbytes = 2 * numel * 4
+    return {
+        "GBps": nbytes / statistics.median(ts) / 1e9,
+        "q1_GBps": nbytes / q3 / 1e9,
+        "q3_GBps": nbytes / q1 / 1e9,
+    }
+
+
 def bench_case(
-    shape: tuple[int, ...], channels_last: bool, mode: str, repeats: int, warmup: int = 2
+    shape: tuple[int, ...],
+    channels_last: bool,
+    mode: str,
+    repeats: int,
+    warmup: int = 2,
+    reference_GBps: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Time one case; one result row per implementation (see the module docstring)."""
+    """Time one case; one result row per implementation (see the module docstring).
+
+    ``reference_GBps`` is the run's memory bandwidth; by default
+    :func:`copy_bandwidth` measures it first.
+    """
+    if reference_GBps is None:
+        reference_GBps = copy_bandwidth(repeats=max(repeats, 5))["GBps"]
     steps = _steps(shape, channels_last, mode)
     for step in steps.values():  # compile, allocate, fault pages in
         for _ in range(warmup):
@@ -149,12 +196,16 @@ def bench_case(
     rows = []
     passes = PASSES[mode]
     nbytes = torch.Size(shape).numel() * 4
+    copy_GBps = 2 * nbytes / statistics.median(times["copy"]) / 1e9
+    q1_copy, q3_copy = _quartiles(times["copy"])
+    consistent = copy_GBps * AGREE >= reference_GBps and q3_copy <= AGREE * q1_copy
     for name, ts in times.items():
         if name == "copy":
             continue
         ratios = [t / n for t, n in zip(ts, times[NATIVE], strict=True)]
         # roofline time of one call = passes * (time of one pass); a copy makes 2 passes
         roof = [passes * c / 2 / t for t, c in zip(ts, times["copy"], strict=True)]
+        q1, q3 = _quartiles(ts)
         rows.append(
             {
                 "shape": list(shape),
@@ -162,12 +213,24 @@ def bench_case(
                 "mode": mode,
                 "implementation": name,
                 "median_ms": statistics.median(ts) * 1e3,
+                "q1_ms": q1 * 1e3,
+                "q3_ms": q3 * 1e3,
                 "x_native": statistics.median(ratios),
                 "pct_roofline": 100 * statistics.median(roof),
-                "copy_GBps": 2 * nbytes / statistics.median(times["copy"]) / 1e9,
+                "copy_GBps": copy_GBps,
+                "reference_GBps": reference_GBps,
+                "consistent": consistent,
             }
         )
     return rows
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartile (both the value itself for a single sample)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -227,10 +290,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     else:
         cases = CASES
     modes = ["train", "eval"] if args.mode == "both" else [args.mode]
+    reference = copy_bandwidth(repeats=max(args.repeats, 5))
     rows = []
     for mode in modes:
         for shape, channels_last in cases:
-            rows.extend(bench_case(shape, channels_last, mode, args.repeats))
+            rows.extend(bench_case(shape, channels_last, mode, args.repeats, 2, reference["GBps"]))
     info = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -244,17 +308,28 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         return rows
     print(", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"roofline: train {PASSES['train']} passes, eval {PASSES['eval']} passes over the input")
+    print(
+        f"memory bandwidth (copy of {REFERENCE_NUMEL * 4 >> 20} MiB): {reference['GBps']:.1f} GB/s,"
+        f" quartiles {reference['q1_GBps']:.1f}-{reference['q3_GBps']:.1f}"
+    )
     head = (
         f"{'mode':5} {'shape':17} {'layout':13} {'implementation':17} "
-        f"{'median ms':>9} {'x native':>8} {'% roofline':>10}"
+        f"{'median ms':>9} {'quartiles ms':>15} {'x native':>8} {'% roofline':>10} {'copy GB/s':>9}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
+        spread = f"{r['q1_ms']:.3f}-{r['q3_ms']:.3f}"
         print(
             f"{r['mode']:5} {'x'.join(map(str, r['shape'])):17} {r['layout']:13} "
-            f"{r['implementation']:17} {r['median_ms']:9.3f} {r['x_native']:8.2f} "
-            f"{r['pct_roofline']:10.0f}"
+            f"{r['implementation']:17} {r['median_ms']:9.3f} {spread:>15} {r['x_native']:8.2f} "
+            f"{r['pct_roofline']:10.0f} {r['copy_GBps']:9.1f}" + ("" if r["consistent"] else " !")
+        )
+    if not all(r["consistent"] for r in rows):
+        print(
+            f"! this case's copy ran more than {AGREE:g}x slower than the memory bandwidth above,"
+            f" or its quartiles differ by more than {AGREE:g}x: the machine changed speed during"
+            " the measurement; do not judge a target from these rows, rerun on a quiet machine"
         )
     return rows
 

@@ -68,3 +68,35 @@ def test_help_shows_defaults_and_the_module_name():
     ).stdout
     assert out.startswith("usage: python -m bnlib.bench")
     assert "(default: 15)" in out and "(default: both)" in out
+
+
+def test_rows_carry_the_spread_and_the_reference(keep_threads):
+    rows = bench.bench_case((4, 3, 5, 5), False, "train", repeats=5, warmup=1, reference_GBps=1.0)
+    for r in rows:
+        assert r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
+        assert r["reference_GBps"] == 1.0 and isinstance(r["consistent"], bool)
+
+
+def test_copy_bandwidth_median_between_its_quartiles():
+    bw = bench.copy_bandwidth(numel=2**12, repeats=5)
+    assert 0 < bw["q1_GBps"] <= bw["GBps"] <= bw["q3_GBps"]
+
+
+def test_a_case_whose_copy_is_far_slower_than_the_reference_is_not_consistent(keep_threads):
+    """A reference copy more than AGREE times faster than the case's own copy means the machine
+    slowed down during the case: no row of it may count as a measurement to judge targets by.
+    One repeat: quartiles equal, so only the reference decides."""
+    slow = bench.bench_case((4, 3), False, "eval", repeats=1, warmup=1, reference_GBps=1e9)
+    fine = bench.bench_case((4, 3), False, "eval", repeats=1, warmup=1, reference_GBps=1e-9)
+    assert not any(r["consistent"] for r in slow)
+    assert all(r["consistent"] for r in fine)
+
+
+def test_table_marks_inconsistent_rows(capsys, monkeypatch, keep_threads):
+    monkeypatch.setattr(
+        bench, "copy_bandwidth", lambda **kw: dict.fromkeys(("GBps", "q1_GBps", "q3_GBps"), 1e9)
+    )
+    bench.main(["--repeats", "1", "--threads", "1", "--mode", "eval", "--shape", "3x2"])
+    out = capsys.readouterr().out
+    assert out.count(" !\n") == 3  # one row per implementation
+    assert "do not judge a target from these rows" in out
