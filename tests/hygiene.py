@@ -13,7 +13,10 @@ nbval. ``check_notebook`` rejects, for a notebook given as a dict (``json.load``
 * a memory address (`` at 0x7f...``) in an output (changes every run);
 * an absolute path of this machine (``/tmp/``, ``/root/``, ``/home/``, ``/work/``) in an
   output (differs on every other machine);
-* an SVG output (Matplotlib's SVG carries random ids that nbval compares: keep PNG).
+* an SVG output (Matplotlib's SVG carries random ids that nbval compares: keep PNG);
+* a code cell that names one of the variables that choose a CPU code path (``CODE_PATH_VARS``:
+  ATen's, MKL's, oneDNN's, Numba's): ``make nbval`` sets them to emulate other CPUs, and a
+  notebook that set them itself would defeat that check.
 
 Each problem is one string that starts with the cell's number (1-based, all cells).
 """
@@ -25,6 +28,15 @@ from collections.abc import Iterator
 
 ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 LOCAL_PATH = re.compile(r"(?<![\w.~])/(?:tmp|root|home|work)/")
+CODE_PATH_VARS = (
+    "ATEN_CPU_CAPABILITY",
+    "MKL_CBWR",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "NUMBA_CPU_NAME",
+    "NUMBA_CPU_FEATURES",
+)
 
 
 def _text(value) -> str:
@@ -56,6 +68,12 @@ def check_notebook(nb: dict) -> list[str]:
         source = _text(cell.get("source", ""))
         tags = cell.get("metadata", {}).get("tags", [])
         count = cell.get("execution_count")
+        for name in CODE_PATH_VARS:
+            if name in source:
+                problems.append(
+                    f"{where}: names {name}, a variable that picks the CPU code path "
+                    "(make nbval sets it to emulate other CPUs; a notebook must not)"
+                )
         if count is None:
             if source.strip():
                 problems.append(f"{where}: never executed (execution_count is None)")

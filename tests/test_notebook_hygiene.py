@@ -43,6 +43,7 @@ def test_clean_fixture_is_accepted() -> None:
         ("memory_address", "cell 2: memory address 'at 0x7f3a2c1b4e90'"),
         ("local_path", "cell 2: absolute local path '/work/'"),
         ("svg", "cell 2: SVG output"),
+        ("code_path", "cell 2: names ATEN_CPU_CAPABILITY"),
     ],
 )
 def test_broken_fixture_is_rejected(fixture: str, message: str) -> None:
