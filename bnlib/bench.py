@@ -35,11 +35,18 @@ of a shared machine hits all of them alike. Columns:
   machine's speed changed (another process, frequency scaling, a thread pool
   that had not gone to sleep): its ratios and roofline percentages must not be
   used to judge a target. The table marks such rows with ``!``.
+
+A second table times **whole loops** (:data:`LOOPS`): a small ResNet on 32x32 images and an
+MLP on flattened 28x28 images, synthetic data, each as a ``torch.nn`` model and as
+:func:`bnlib.nn.convert` of a copy of it (same weights). ``train`` is one optimisation step
+(forward, cross-entropy, backward, SGD with momentum), ``eval`` one inference forward; the two
+models take turns in every repeat, and ``x native`` is again the median per-repeat ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -139,6 +146,146 @@ def _steps(shape: tuple[int, ...], channels_last: bool, mode: str) -> dict[str, 
         steps[NATIVE] = eval_step(native)
     steps["copy"] = lambda: out.copy_(x)
     return steps
+
+
+# ---------------------------------------------------------------------------
+# whole training loops: torch.nn models against bnlib.nn.convert of the same models
+# ---------------------------------------------------------------------------
+
+
+class _Block(torch.nn.Module):
+    """A ResNet basic block: two 3x3 conv-BN pairs and a shortcut (1x1 conv-BN when the
+    shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.conv1 = conv(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(c_out)
+        self.conv2 = conv(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(c_out)
+        self.shortcut = torch.nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = torch.nn.Sequential(
+                conv(c_in, c_out, 1, stride, bias=False), torch.nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+def _resnet() -> torch.nn.Module:
+    """A small ResNet for 32x32 images: 3 stages of one block (32, 64, 128 channels), 8 BN."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, 1, 1, bias=False),
+        torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(),
+        _Block(32, 32, 1),
+        _Block(32, 64, 2),
+        _Block(64, 128, 2),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(128, 10),
+    )
+
+
+def _mlp() -> torch.nn.Module:
+    """An MLP on flattened 28x28 images: 784-1024-1024-10 with BN after each hidden layer."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(784, 1024),
+        torch.nn.BatchNorm1d(1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 1024),
+        torch.nn.BatchNorm1d(1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 10),
+    )
+
+
+#: name: (model factory, input shape) of the whole-loop rows.
+LOOPS: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]] = {
+    "resnet 32x3x32x32": (_resnet, (32, 3, 32, 32)),
+    "mlp 256x784": (_mlp, (256, 784)),
+}
+
+
+def loop_models(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(torch_model, bnlib_model)``: the same initial weights, the second converted by
+    :func:`bnlib.nn.convert`."""
+    factory, _ = LOOPS[name]
+    torch.manual_seed(seed)
+    theirs = factory()
+    ours = copy.deepcopy(theirs)
+    bnn.convert(ours)
+    return theirs, ours
+
+
+def _loop_steps(name: str, mode: str) -> dict[str, Callable[[], Any]]:
+    """One training step (forward, cross-entropy, backward, SGD with momentum) or one
+    inference forward, for the torch.nn model and its bnlib conversion."""
+    _, shape = LOOPS[name]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen)
+    target = torch.randint(0, 10, (shape[0],), generator=gen)
+    theirs, ours = loop_models(name)
+    steps: dict[str, Callable[[], Any]] = {}
+    for label, model in (("bnlib.nn", ours), (NATIVE, theirs)):
+        if mode == "train":
+            model.train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+            def train_step(model: torch.nn.Module = model, opt: Any = opt) -> None:
+                opt.zero_grad(set_to_none=True)
+                loss: Any = torch.nn.functional.cross_entropy(model(x), target)
+                loss.backward()
+                opt.step()
+
+            steps[label] = train_step
+        else:
+            model.eval()
+
+            def eval_step(model: torch.nn.Module = model) -> None:
+                with torch.no_grad():
+                    model(x)
+
+            steps[label] = eval_step
+    return steps
+
+
+def bench_loop(name: str, mode: str, repeats: int, warmup: int = 3) -> list[dict[str, Any]]:
+    """Time the whole-loop case ``name`` (a key of :data:`LOOPS`); one row per implementation.
+
+    The two models take turns in every repeat (interleaved); ``x_native`` is the median of the
+    per-repeat ratios. No roofline: a loop is mostly convolutions and matrix products.
+    """
+    steps = _loop_steps(name, mode)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    slowest = max(_time(step, 1) for step in steps.values())
+    inner = max(1, min(50, round(20e-3 / max(slowest, 1e-7))))
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, step in steps.items():
+            times[k].append(_time(step, inner))
+    rows = []
+    for k, ts in times.items():
+        q1, q3 = _quartiles(ts)
+        ratios = [t / n for t, n in zip(ts, times[NATIVE], strict=True)]
+        rows.append(
+            {
+                "loop": name,
+                "mode": mode,
+                "implementation": k,
+                "median_ms": statistics.median(ts) * 1e3,
+                "q1_ms": q1 * 1e3,
+                "q3_ms": q3 * 1e3,
+                "x_native": statistics.median(ratios),
+                "consistent": q3 <= AGREE * q1,
+            }
+        )
+    return rows
 
 
 def _time(step: Callable[[], Any], inner: int) -> float:
@@ -278,6 +425,12 @@ def parser() -> argparse.ArgumentParser:
         "channels_last (default: the issue's three shapes)",
     )
     p.add_argument("--mode", choices=["train", "eval", "both"], default="both", help="what to time")
+    p.add_argument(
+        "--loops",
+        choices=["all", "none", *LOOPS],
+        default="all",
+        help="whole training loops to time (torch.nn model against bnlib.nn.convert of it)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     return p
 
@@ -295,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for mode in modes:
         for shape, channels_last in cases:
             rows.extend(bench_case(shape, channels_last, mode, args.repeats, 2, reference["GBps"]))
+    names = list(LOOPS) if args.loops == "all" else [] if args.loops == "none" else [args.loops]
+    loops = [r for mode in modes for name in names for r in bench_loop(name, mode, args.repeats)]
     info = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -303,9 +458,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "kernels": kernels.supports(torch.zeros(2, 2)),
     }
     if args.json:
-        json.dump({"info": info, "results": rows}, sys.stdout, indent=1)
+        json.dump({"info": info, "results": rows, "loops": loops}, sys.stdout, indent=1)
         print()
-        return rows
+        return rows + loops
     print(", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"roofline: train {PASSES['train']} passes, eval {PASSES['eval']} passes over the input")
     print(
@@ -331,7 +486,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             f" or its quartiles differ by more than {AGREE:g}x: the machine changed speed during"
             " the measurement; do not judge a target from these rows, rerun on a quiet machine"
         )
-    return rows
+    if loops:
+        print()
+        head = (
+            f"{'mode':5} {'whole loop':31} {'implementation':17} "
+            f"{'median ms':>9} {'quartiles ms':>15} {'x native':>8}"
+        )
+        print(head)
+        print("-" * len(head))
+        for r in loops:
+            spread = f"{r['q1_ms']:.2f}-{r['q3_ms']:.2f}"
+            print(
+                f"{r['mode']:5} {r['loop']:31} {r['implementation']:17} {r['median_ms']:9.2f}"
+                f" {spread:>15} {r['x_native']:8.2f}" + ("" if r["consistent"] else " !")
+            )
+        if not all(r["consistent"] for r in loops):
+            print(f"! quartiles more than {AGREE:g}x apart: the machine changed speed; rerun")
+    return rows + loops
 
 
 if __name__ == "__main__":

@@ -45,9 +45,16 @@ follows ``torch.get_num_threads()``.
 **Precision.** float32 and float64 are computed in their own dtype inside a
 block and in float64 across blocks. float16 and bfloat16 are converted to
 float32 by torch first (Numba has no bfloat16) and the output converted back,
-as torch computes them. The normalisation subtracts the float64 mean as two
-float32 numbers (``hi + lo``), so ``x - mean`` stays exact when the mean is
-large against the spread (``x = 1e4 + N(0, 1)``).
+as torch computes them. The normalisation subtracts ``hi``, the float64 mean
+rounded to the input's dtype, and folds the remainder into the shift
+(:func:`fold`), so ``x - mean`` stays exact when the mean is large against the
+spread (``x = 1e4 + N(0, 1)``).
+
+**One call per function.** Each seam function makes one call into compiled code:
+the sweeps over memory and the per-channel arithmetic between them (merging the
+statistics, folding them with the parameters) run inside one kernel, so no
+NumPy or torch operation on small vectors, each costing microseconds, sits
+between the sweeps.
 
 **Other devices.** Given CUDA tensors, the three functions run the same formulas
 as torch code compiled by ``torch.compile`` (Inductor fuses each pass into one
@@ -193,7 +200,7 @@ def _functorch_active() -> bool:
 # ---------------------------------------------------------------------------
 
 # Reductions may be reassociated (so LLVM vectorises the sums, in an order fixed at
-# compile time); element-wise code keeps IEEE semantics, so (x - hi) - lo stays as written.
+# compile time); element-wise code keeps IEEE semantics, so (x - hi) * scale stays as written.
 _REDUCE = {"reassoc", "nsz", "contract"}
 #: The kernels' arrays: NumPy arrays (typed loosely: Numba, not mypy, checks the loops).
 Array = Any
@@ -261,37 +268,6 @@ def row_stats(row: Array) -> tuple[float, float]:
     return mean, m2
 
 
-@_jit(parallel=True)
-def planar_stats(x: Array) -> tuple[Array, Array]:
-    """Per-channel mean and biased variance of x viewed as (N, C, L): one pass."""
-    N, C, L = x.shape
-    row_mean = np.empty((N, C))
-    row_m2 = np.empty((N, C))
-    for r in prange(N * C):  # every row independently, in parallel
-        n, c = r // C, r % C
-        row_mean[n, c], row_m2[n, c] = row_stats(x[n, c])
-    mean = np.empty(C)
-    var = np.empty(C)
-    for c in range(C):  # merge the N rows of each channel, in order
-        count, mu, m2 = 0.0, 0.0, 0.0
-        for n in range(N):
-            count, mu, m2 = chan_merge(count, mu, m2, float(L), row_mean[n, c], row_m2[n, c])
-        mean[c] = mu
-        var[c] = m2 / count
-    return mean, var
-
-
-@_jit(parallel=True)
-def planar_normalise(x: Array, hi: Array, lo: Array, scale: Array, shift: Array, y: Array) -> None:
-    """y = ((x - hi) - lo) * scale + shift per channel, for x viewed as (N, C, L)."""
-    N, C, L = x.shape
-    for r in prange(N * C):
-        n, c = r // C, r % C
-        h, l, s, b = hi[c], lo[c], scale[c], shift[c]
-        for i in range(L):
-            y[n, c, i] = ((x[n, c, i] - h) - l) * s + b
-
-
 @_jit(fastmath=_REDUCE)
 def _block_grad_sums(g: Array, x: Array, hi: float) -> tuple[float, float, float]:
     """sum g, sum g * (x - hi) and sum (x - hi) over a short block, in the block's dtype."""
@@ -318,29 +294,158 @@ def _row_grad_sums(g: Array, x: Array, hi: float) -> tuple[float, float, float]:
     return sum_g, sum_gx, sum_x
 
 
+
+@_jit()
+def fold(
+    mean: Array, var: Array, weight: Array, bias: Array, eps: float, x: Array
+) -> tuple[Array, Array, Array]:
+    """Per-channel ``hi, scale, shift`` in ``x``'s dtype, for ``y = (x - hi) * scale + shift``.
+
+    ``scale = weight / sqrt(var + eps)`` and ``shift = bias - (mean - hi) * scale`` are computed
+    in float64; ``hi`` is the mean rounded to ``x``'s dtype. Subtracting ``hi`` first keeps
+    ``x - mean`` accurate when the mean is large against the spread (``x - hi`` is then exact),
+    and the small remainder ``mean - hi`` goes into the shift. ``weight`` and ``bias`` of size
+    0 stand for 1 and 0 (no affine parameters).
+    """
+    C = mean.size
+    hi = np.empty(C, x.dtype)
+    scale = np.empty(C, x.dtype)
+    shift = np.empty(C, x.dtype)
+    for c in range(C):
+        s = 1.0 / math.sqrt(float(var[c]) + eps)
+        if weight.size:
+            s = float(weight[c]) * s
+        h = x.dtype.type(mean[c])
+        b = float(bias[c]) if bias.size else 0.0
+        hi[c] = h
+        scale[c] = s
+        shift[c] = b - (float(mean[c]) - float(h)) * s
+    return hi, scale, shift
+
+
+@_jit()
+def grad_fold(
+    sum_g: Array,
+    sum_gx: Array,
+    sum_x: Array,
+    var: Array,
+    weight: Array,
+    eps: float,
+    m: int,
+    x: Array,
+) -> tuple[Array, Array, Array, Array]:
+    """Per-channel ``a, b, c0`` (in ``x``'s dtype) of ``dx = a * g + b * (x - hi) + c0``, and
+    ``dweight = sum g * x_hat`` (float64), from the three sums of the first backward sweep.
+
+    The sums were taken around ``hi``, the mean as stored (rounded): the exact mean is
+    ``hi + delta`` with ``delta = sum(x - hi) / m``, so ``sum g * (x - mean) = sum_gx - delta *
+    sum_g``. With ``a = weight / sqrt(var + eps)`` this is the closed form
+    ``dx = a * (g - (sum g + x_hat * sum g x_hat) / m)``, regrouped.
+    """
+    C = sum_g.size
+    a = np.empty(C, x.dtype)
+    b = np.empty(C, x.dtype)
+    c0 = np.empty(C, x.dtype)
+    dweight = np.empty(C)
+    for c in range(C):
+        delta = sum_x[c] / m
+        inv_std = 1.0 / math.sqrt(float(var[c]) + eps)
+        dw = inv_std * (sum_gx[c] - delta * sum_g[c])  # sum g * x_hat
+        ac = float(weight[c]) * inv_std if weight.size else inv_std
+        bc = -ac * inv_std * dw / m
+        a[c] = ac
+        b[c] = bc
+        c0[c] = -ac * sum_g[c] / m - bc * delta  # b * (x - mean) = b * (x - hi) - b * delta
+        dweight[c] = dw
+    return a, b, c0, dweight
+
+
+@_jit()
+def _affine(x: Array, hi: float, scale: float, shift: float, y: Array) -> None:
+    """y = (x - hi) * scale + shift over one contiguous row."""
+    for i in range(x.size):
+        y[i] = (x[i] - hi) * scale + shift
+
+
+@_jit()
+def _grad_row(g: Array, x: Array, hi: float, a: float, b: float, c0: float, dx: Array) -> None:
+    """dx = a * g + b * (x - hi) + c0 over one contiguous row."""
+    for i in range(x.size):
+        dx[i] = a * g[i] + b * (x[i] - hi) + c0
+
+
 @_jit(parallel=True)
-def planar_grad_sums(g: Array, x: Array, hi: Array) -> tuple[Array, Array, Array]:
-    """Per-channel sums of g, g * (x - hi) and x - hi for g, x viewed as (N, C, L): one pass."""
+def planar_forward(
+    x: Array, weight: Array, bias: Array, eps: float, y: Array
+) -> tuple[Array, Array]:
+    """Training-mode forward of x viewed as (N, C, L): writes y, returns the batch (mean, var).
+
+    Sweep 1 reads x once for the statistics (every row in parallel, merged per channel in
+    order); sweep 2 reads x and writes y.
+    """
     N, C, L = x.shape
-    sums = np.empty((3, N, C))
+    row_mean = np.empty((N, C))
+    row_m2 = np.empty((N, C))
+    for r in prange(N * C):  # every row independently, in parallel
+        n, c = r // C, r % C
+        row_mean[n, c], row_m2[n, c] = row_stats(x[n, c])
+    mean = np.empty(C)
+    var = np.empty(C)
+    for c in range(C):  # merge the N rows of each channel, in order
+        count, mu, m2 = 0.0, 0.0, 0.0
+        for n in range(N):
+            count, mu, m2 = chan_merge(count, mu, m2, float(L), row_mean[n, c], row_m2[n, c])
+        mean[c] = mu
+        var[c] = m2 / count
+    hi, scale, shift = fold(mean, var, weight, bias, eps, x)
     for r in prange(N * C):
         n, c = r // C, r % C
-        sums[0, n, c], sums[1, n, c], sums[2, n, c] = _row_grad_sums(g[n, c], x[n, c], hi[c])
-    total = sums.sum(axis=1)  # over the N rows of each channel, in order
-    return total[0], total[1], total[2]
+        _affine(x[n, c], hi[c], scale[c], shift[c], y[n, c])
+    return mean, var
 
 
 @_jit(parallel=True)
-def planar_grad_input(
-    g: Array, x: Array, hi: Array, a: Array, b: Array, c0: Array, dx: Array
+def planar_eval(
+    x: Array, mean: Array, var: Array, weight: Array, bias: Array, eps: float, y: Array
 ) -> None:
-    """dx = a * g + b * (x - hi) + c0 per channel, for g, x viewed as (N, C, L)."""
+    """Inference of x viewed as (N, C, L) with given statistics: one read of x, one write of y."""
     N, C, L = x.shape
+    hi, scale, shift = fold(mean, var, weight, bias, eps, x)
     for r in prange(N * C):
         n, c = r // C, r % C
-        ac, bc, cc, h = a[c], b[c], c0[c], hi[c]
-        for i in range(L):
-            dx[n, c, i] = ac * g[n, c, i] + bc * (x[n, c, i] - h) + cc
+        _affine(x[n, c], hi[c], scale[c], shift[c], y[n, c])
+
+
+@_jit(parallel=True)
+def planar_backward(
+    g: Array, x: Array, mean: Array, var: Array, weight: Array, eps: float, dx: Array
+) -> tuple[Array, Array]:
+    """Training-mode backward of g, x viewed as (N, C, L): writes dx, returns (dweight, dbias).
+
+    Sweep 1 reads g and x for sum g, sum g * (x - hi) and sum (x - hi) per row; sweep 2
+    reads them again and writes dx.
+    """
+    N, C, L = x.shape
+    hi = np.empty(C, x.dtype)
+    for c in range(C):
+        hi[c] = mean[c]
+    sums = np.empty((N, C, 3))
+    for r in prange(N * C):
+        n, c = r // C, r % C
+        sums[n, c, 0], sums[n, c, 1], sums[n, c, 2] = _row_grad_sums(g[n, c], x[n, c], hi[c])
+    sum_g = np.zeros(C)
+    sum_gx = np.zeros(C)
+    sum_x = np.zeros(C)
+    for n in range(N):  # over the N rows of each channel, in order
+        for c in range(C):
+            sum_g[c] += sums[n, c, 0]
+            sum_gx[c] += sums[n, c, 1]
+            sum_x[c] += sums[n, c, 2]
+    a, b, c0, dweight = grad_fold(sum_g, sum_gx, sum_x, var, weight, eps, N * L, x)
+    for r in prange(N * C):
+        n, c = r // C, r % C
+        _grad_row(g[n, c], x[n, c], hi[c], a[c], b[c], c0[c], dx[n, c])
+    return dweight, sum_g
 
 
 def _parts(M: int, C: int) -> tuple[int, int]:
@@ -368,12 +473,48 @@ def _interleaved_block_stats(x: Array, acc: Array, dev: Array, dev2: Array) -> N
             dev2[c] += d * d
 
 
-@_jit(parallel=True)
-def interleaved_stats(x: Array, rows_per_block: int, blocks_per_part: int) -> tuple[Array, Array]:
-    """Per-channel mean and biased variance of an (M, C) matrix: one pass.
+@_jit()
+def _interleaved_part_stats(
+    x: Array, start: int, stop: int, rows_per_block: int, mean: Array, m2: Array
+) -> float:
+    """(count, per-channel mean and M2) of rows start:stop, block by block, merged in order."""
+    C = x.shape[1]
+    acc = np.empty(C, x.dtype)
+    dev = np.empty(C, x.dtype)
+    dev2 = np.empty(C, x.dtype)
+    count = 0.0
+    for s in range(start, stop, rows_per_block):
+        block = x[s : min(stop, s + rows_per_block)]
+        k = float(block.shape[0])
+        _interleaved_block_stats(block, acc, dev, dev2)
+        # chan_merge for every channel at once: the counts are the same for all
+        n = count + k
+        f_b, f_ab = k / n, count * k / n
+        for c in range(C):
+            d = float(dev[c])
+            block_mean = float(acc[c]) + d / k
+            block_m2 = float(dev2[c]) - d * d / k
+            delta = block_mean - mean[c]
+            mean[c] += delta * f_b
+            m2[c] += block_m2 + delta * delta * f_ab
+        count = n
+    return count
 
-    Each part (a fixed group of blocks) runs on one thread and merges its blocks
-    in order; the parts are then merged in order.
+
+@_jit(parallel=True)
+def interleaved_forward(
+    x: Array,
+    weight: Array,
+    bias: Array,
+    eps: float,
+    y: Array,
+    rows_per_block: int,
+    blocks_per_part: int,
+) -> tuple[Array, Array]:
+    """Training-mode forward of an (M, C) matrix: writes y, returns the batch (mean, var).
+
+    Sweep 1: each part (a fixed group of blocks of rows) runs on one thread; the parts are
+    merged in order. Sweep 2: blocks of rows in parallel, y = (x - hi) * scale + shift.
     """
     M, C = x.shape
     rows_per_part = rows_per_block * blocks_per_part
@@ -382,24 +523,10 @@ def interleaved_stats(x: Array, rows_per_block: int, blocks_per_part: int) -> tu
     part_mean = np.zeros((n_parts, C))
     part_m2 = np.zeros((n_parts, C))
     for p in prange(n_parts):
-        acc = np.empty(C, x.dtype)
-        dev = np.empty(C, x.dtype)
-        dev2 = np.empty(C, x.dtype)
-        for start in range(p * rows_per_part, min(M, (p + 1) * rows_per_part), rows_per_block):
-            block = x[start : min(M, start + rows_per_block)]
-            k = float(block.shape[0])
-            _interleaved_block_stats(block, acc, dev, dev2)
-            # chan_merge for every channel at once: the counts are the same for all
-            n = part_count[p] + k
-            f_b, f_ab = k / n, part_count[p] * k / n
-            for c in range(C):
-                d = float(dev[c])
-                block_mean = float(acc[c]) + d / k
-                block_m2 = float(dev2[c]) - d * d / k
-                delta = block_mean - part_mean[p, c]
-                part_mean[p, c] += delta * f_b
-                part_m2[p, c] += block_m2 + delta * delta * f_ab
-            part_count[p] = n
+        stop = min(M, (p + 1) * rows_per_part)
+        part_count[p] = _interleaved_part_stats(
+            x, p * rows_per_part, stop, rows_per_block, part_mean[p], part_m2[p]
+        )
     mean = np.zeros(C)
     m2 = np.zeros(C)
     count = 0.0
@@ -409,64 +536,97 @@ def interleaved_stats(x: Array, rows_per_block: int, blocks_per_part: int) -> tu
                 count, mean[c], m2[c], part_count[p], part_mean[p, c], part_m2[p, c]
             )
         count += part_count[p]
-    return mean, m2 / count
-
-
-@_jit(parallel=True)
-def interleaved_normalise(
-    x: Array, hi: Array, lo: Array, scale: Array, shift: Array, y: Array, rows_per_block: int
-) -> None:
-    """y = ((x - hi) - lo) * scale + shift per channel, for an (M, C) matrix."""
-    M, C = x.shape
+    var = m2 / count
+    hi, scale, shift = fold(mean, var, weight, bias, eps, x)
     for blk in prange(-(-M // rows_per_block)):
         for r in range(blk * rows_per_block, min(M, (blk + 1) * rows_per_block)):
             for c in range(C):
-                y[r, c] = ((x[r, c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+                y[r, c] = (x[r, c] - hi[c]) * scale[c] + shift[c]
+    return mean, var
 
 
 @_jit(parallel=True)
-def interleaved_grad_sums(
-    g: Array, x: Array, hi: Array, rows_per_block: int, blocks_per_part: int
-) -> tuple[Array, Array, Array]:
-    """Per-channel sums of g, g * (x - hi) and x - hi of (M, C) matrices: one pass, fixed order."""
+def interleaved_eval(
+    x: Array,
+    mean: Array,
+    var: Array,
+    weight: Array,
+    bias: Array,
+    eps: float,
+    y: Array,
+    rows_per_block: int,
+) -> None:
+    """Inference of an (M, C) matrix with given statistics: one read of x, one write of y."""
     M, C = x.shape
+    hi, scale, shift = fold(mean, var, weight, bias, eps, x)
+    for blk in prange(-(-M // rows_per_block)):
+        for r in range(blk * rows_per_block, min(M, (blk + 1) * rows_per_block)):
+            for c in range(C):
+                y[r, c] = (x[r, c] - hi[c]) * scale[c] + shift[c]
+
+
+@_jit(fastmath=_REDUCE)
+def _interleaved_grad_sums(
+    g: Array, x: Array, hi: Array, start: int, stop: int, rows_per_block: int, out: Array
+) -> None:
+    """Adds sum g, sum g * (x - hi) and sum (x - hi) of rows start:stop to out (3, C),
+    block by block (sums in x's dtype within a block, float64 across blocks)."""
+    C = x.shape[1]
+    bg = np.empty(C, x.dtype)
+    bgx = np.empty(C, x.dtype)
+    bx = np.empty(C, x.dtype)
+    for s in range(start, stop, rows_per_block):
+        bg[:] = 0
+        bgx[:] = 0
+        bx[:] = 0
+        for r in range(s, min(stop, s + rows_per_block)):
+            for c in range(C):
+                xc = x[r, c] - hi[c]
+                bg[c] += g[r, c]
+                bgx[c] += g[r, c] * xc
+                bx[c] += xc
+        for c in range(C):
+            out[0, c] += bg[c]
+            out[1, c] += bgx[c]
+            out[2, c] += bx[c]
+
+
+@_jit(parallel=True)
+def interleaved_backward(
+    g: Array,
+    x: Array,
+    mean: Array,
+    var: Array,
+    weight: Array,
+    eps: float,
+    dx: Array,
+    rows_per_block: int,
+    blocks_per_part: int,
+) -> tuple[Array, Array]:
+    """Training-mode backward of (M, C) matrices: writes dx, returns (dweight, dbias)."""
+    M, C = x.shape
+    hi = np.empty(C, x.dtype)
+    for c in range(C):
+        hi[c] = mean[c]
     rows_per_part = rows_per_block * blocks_per_part
     n_parts = -(-M // rows_per_part)
     part = np.zeros((n_parts, 3, C))
     for p in prange(n_parts):
-        bg = np.empty(C, x.dtype)
-        bgx = np.empty(C, x.dtype)
-        bx = np.empty(C, x.dtype)
-        for start in range(p * rows_per_part, min(M, (p + 1) * rows_per_part), rows_per_block):
-            bg[:] = 0
-            bgx[:] = 0
-            bx[:] = 0
-            for r in range(start, min(M, start + rows_per_block)):
-                for c in range(C):
-                    xc = x[r, c] - hi[c]
-                    bg[c] += g[r, c]
-                    bgx[c] += g[r, c] * xc
-                    bx[c] += xc
-            for c in range(C):
-                part[p, 0, c] += bg[c]
-                part[p, 1, c] += bgx[c]
-                part[p, 2, c] += bx[c]
+        stop = min(M, (p + 1) * rows_per_part)
+        _interleaved_grad_sums(g, x, hi, p * rows_per_part, stop, rows_per_block, part[p])
     total = np.zeros((3, C))
     for p in range(n_parts):  # in order
-        total += part[p]
-    return total[0], total[1], total[2]
-
-
-@_jit(parallel=True)
-def interleaved_grad_input(
-    g: Array, x: Array, hi: Array, a: Array, b: Array, c0: Array, dx: Array, rows_per_block: int
-) -> None:
-    """dx = a * g + b * (x - hi) + c0 per channel, for (M, C) matrices."""
-    M, C = x.shape
+        for c in range(C):
+            total[0, c] += part[p, 0, c]
+            total[1, c] += part[p, 1, c]
+            total[2, c] += part[p, 2, c]
+    sum_g = total[0].copy()
+    a, b, c0, dweight = grad_fold(sum_g, total[1], total[2], var, weight, eps, M, x)
     for blk in prange(-(-M // rows_per_block)):
         for r in range(blk * rows_per_block, min(M, (blk + 1) * rows_per_block)):
             for c in range(C):
                 dx[r, c] = a[c] * g[r, c] + b[c] * (x[r, c] - hi[c]) + c0[c]
+    return dweight, sum_g
 
 
 # ---------------------------------------------------------------------------
@@ -529,20 +689,29 @@ def _choose(kernel: _F, threads: int) -> _F:
     return cast(_F, _serial_twins[kernel])
 
 
+
+_NONE = np.empty(0)  # an absent weight or bias (size 0: the kernels use 1 and 0)
+
+
 def _view(t: Tensor, layout: str) -> np.ndarray:
-    """The (N, C, L) or (M, C) NumPy view of ``t``'s memory (no copy)."""
+    """The (N, C, L) or (M, C) NumPy view of ``t``'s memory (never a copy: NumPy raises
+    if the view cannot be made). NumPy does the reshaping: it costs less than torch's."""
+    a = t.detach().numpy()
+    N, C = a.shape[0], a.shape[1]
     if layout == "planar":
-        return t.detach().reshape(t.shape[0], t.shape[1], -1).numpy()
-    return torch.movedim(t.detach(), 1, -1).reshape(-1, t.shape[1]).numpy()
+        return a.reshape((N, C, -1), copy=False)
+    if a.ndim > 2 and a.strides[1] != a.itemsize * math.prod(a.shape[2:]):  # channels last
+        a = a.transpose(0, *range(2, a.ndim), 1)
+    return a.reshape((-1, C), copy=False)
 
 
-def _vector(v: Tensor | None, C: int, fill: float) -> np.ndarray:
-    """A per-channel parameter as a float64 NumPy vector (``fill`` where it is None)."""
+def _vector(v: Tensor | None) -> np.ndarray:
+    """A per-channel tensor as a NumPy vector (no copy for float32/float64 CPU tensors)."""
     if v is None:
-        return np.full(C, fill)
-    if v.device.type == "cpu" and v.dtype in _NATIVE:  # the fast way: NumPy converts
-        return v.detach().numpy().reshape(C).astype(np.float64)
-    return v.detach().to(device="cpu", dtype=torch.float64).reshape(C).numpy()
+        return _NONE
+    if v.is_cpu and v.dtype in _NATIVE:
+        return v.detach().numpy()
+    return v.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
 def _compute(x: Tensor) -> Tensor:
@@ -554,31 +723,9 @@ def _tensor(v: np.ndarray, like: Tensor) -> Tensor:
     """A float64 NumPy vector as a CPU tensor of ``like``'s dtype (NumPy converts: faster)."""
     if like.dtype == torch.float32:
         return torch.from_numpy(v.astype(np.float32))
+    if like.dtype == torch.float64:
+        return torch.from_numpy(v)
     return torch.from_numpy(v).to(like.dtype)
-
-
-def _split(mean: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """A float64 vector as hi + lo in ``dtype``: hi the rounded value, lo the remainder."""
-    hi = mean.astype(dtype)
-    return hi, (mean - hi).astype(dtype)
-
-
-def _normalise(
-    xc: Tensor, layout: str, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray, threads: int
-) -> Tensor:
-    xv = _view(xc, layout)
-    y = torch.empty_like(xc)  # same memory format as x
-    yv = _view(y, layout)
-    dt = xv.dtype
-    hi, lo = _split(mean, dt)
-    if layout == "planar":
-        _choose(planar_normalise, threads)(xv, hi, lo, scale.astype(dt), shift.astype(dt), yv)
-    else:
-        rows, _ = _parts(*xv.shape)
-        _choose(interleaved_normalise, threads)(
-            xv, hi, lo, scale.astype(dt), shift.astype(dt), yv, rows
-        )
-    return y
 
 
 def train_forward(
@@ -586,7 +733,7 @@ def train_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BN: ``(y, mean, var)``, the batch mean and *biased* variance.
 
-    Two passes over memory: the statistics, then the normalisation.
+    Two sweeps over memory in one kernel call: the statistics, then the normalisation.
     ``mean`` and ``var`` have shape ``(C,)`` in the compute dtype.
     """
     if x.device.type != "cpu":
@@ -595,29 +742,28 @@ def train_forward(
         layout = _layout(x)
         assert layout is not None, "unsupported layout: check kernels.supports(x) first"
         xc = _compute(x)
-        xv = _view(xc, layout)
-        C = x.shape[1]
+        y = torch.empty_like(xc)  # same memory format as x
+        xv, yv = _view(xc, layout), _view(y, layout)
+        w, b = _vector(weight), _vector(bias)
         if layout == "planar":
-            mean, var = _choose(planar_stats, threads)(xv)
+            mean, var = _choose(planar_forward, threads)(xv, w, b, eps, yv)
         else:
-            mean, var = _choose(interleaved_stats, threads)(xv, *_parts(*xv.shape))
-        inv_std = 1.0 / np.sqrt(var + eps)
-        scale = _vector(weight, C, 1.0) * inv_std
-        y = _normalise(xc, layout, mean, scale, _vector(bias, C, 0.0), threads)
+            rows, parts = _parts(*xv.shape)
+            mean, var = _choose(interleaved_forward, threads)(xv, w, b, eps, yv, rows, parts)
         return y if y.dtype == x.dtype else y.to(x.dtype), _tensor(mean, xc), _tensor(var, xc)
 
 
 def train_backward(
     dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Gradients of training-mode BN by the closed form, in two passes over memory.
+    """Gradients of training-mode BN by the closed form, in two sweeps over memory.
 
     With :math:`s = \\gamma/\\sqrt{\\sigma^2+\\epsilon}` and the sums
     :math:`\\sum g` (``dbias``) and :math:`\\sum g\\hat x` (``dweight``) of the
-    first pass, the second pass evaluates
+    first sweep, the second evaluates
     :math:`dx = s\\,g - \\frac{s}{m}\\big(\\sum g + \\hat x \\sum g\\hat x\\big)`
-    as ``a * g + b * (x - mean) + c`` with per-channel ``a, b, c``. The first
-    pass also sums ``x - mean``, which corrects a ``mean`` rounded to float32
+    as ``a * g + b * (x - mean) + c`` with per-channel ``a, b, c`` (:func:`grad_fold`).
+    The first sweep also sums ``x - mean``, which corrects a ``mean`` rounded to float32
     (as in the corrected two-pass algorithm), so large offsets cost no accuracy.
     ``dweight`` is None when ``weight`` is None; ``dbias`` is always returned
     (the caller drops it when there is no bias).
@@ -633,39 +779,19 @@ def train_backward(
             g = g.to(xc.dtype)
         if g.stride() != xc.stride():  # dy in another memory format: match x's
             g = torch.empty_like(xc).copy_(g)
-        xv, gv = _view(xc, layout), _view(g, layout)
-        C = x.shape[1]
-        m = x.numel() // C
-        hi = _vector(mean, C, 0.0).astype(xv.dtype)
-        if layout == "planar":
-            sum_g, sum_gx, sum_x = _choose(planar_grad_sums, threads)(gv, xv, hi)
-        else:
-            sum_g, sum_gx, sum_x = _choose(interleaved_grad_sums, threads)(
-                gv, xv, hi, *_parts(*xv.shape)
-            )
-        # the given mean may be rounded (float32): the exact one is hi + delta
-        delta = sum_x / m
-        sum_gxc = sum_gx - delta * sum_g  # sum g * (x - mean)
-        inv_std = 1.0 / np.sqrt(_vector(var, C, 0.0) + eps)
-        dweight = inv_std * sum_gxc  # sum g * x_hat
-        a = _vector(weight, C, 1.0) * inv_std
-        b = -a * inv_std * dweight / m
-        c0 = -a * sum_g / m - b * delta  # b * (x - mean) = b * (x - hi) - b * delta
         dx = torch.empty_like(xc)
-        dxv = _view(dx, layout)
-        dt = xv.dtype
+        xv, gv, dxv = _view(xc, layout), _view(g, layout), _view(dx, layout)
+        mu, v, w = _vector(mean), _vector(var), _vector(weight)
         if layout == "planar":
-            _choose(planar_grad_input, threads)(
-                gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv
-            )
+            dweight, dbias = _choose(planar_backward, threads)(gv, xv, mu, v, w, eps, dxv)
         else:
-            rows, _ = _parts(*xv.shape)
-            _choose(interleaved_grad_input, threads)(
-                gv, xv, hi, a.astype(dt), b.astype(dt), c0.astype(dt), dxv, rows
+            rows, parts = _parts(*xv.shape)
+            dweight, dbias = _choose(interleaved_backward, threads)(
+                gv, xv, mu, v, w, eps, dxv, rows, parts
             )
         p = weight if weight is not None else dy
         dw = None if weight is None else _tensor(dweight, p)
-        return dx if dx.dtype == dy.dtype else dx.to(dy.dtype), dw, _tensor(sum_g, p)
+        return dx if dx.dtype == dy.dtype else dx.to(dy.dtype), dw, _tensor(dbias, p)
 
 
 def eval_forward(
@@ -676,17 +802,25 @@ def eval_forward(
     bias: Tensor | None,
     eps: float,
 ) -> Tensor:
-    """Inference, one pass: ``(x - mean) * weight / sqrt(var + eps) + bias``, given statistics."""
+    """Inference: ``(x - mean) * weight / sqrt(var + eps) + bias`` with given statistics.
+
+    One kernel call: the per-channel scale and shift are folded once (:func:`fold`), then
+    one sweep reads ``x`` and writes ``y``.
+    """
     if x.device.type != "cpu":
         return _device_eval_forward(x, running_mean, running_var, weight, bias, eps)
     with _pool(x) as threads:
         layout = _layout(x)
         assert layout is not None, "unsupported layout: check kernels.supports(x) first"
-        C = x.shape[1]
-        scale = _vector(weight, C, 1.0) / np.sqrt(_vector(running_var, C, 0.0) + eps)
-        mean = _vector(running_mean, C, 0.0)
-        y = _normalise(_compute(x), layout, mean, scale, _vector(bias, C, 0.0), threads)
-        return y.to(x.dtype)
+        xc = _compute(x)
+        y = torch.empty_like(xc)
+        xv, yv = _view(xc, layout), _view(y, layout)
+        stats = _vector(running_mean), _vector(running_var), _vector(weight), _vector(bias)
+        if layout == "planar":
+            _choose(planar_eval, threads)(xv, *stats, eps, yv)
+        else:
+            _choose(interleaved_eval, threads)(xv, *stats, eps, yv, _parts(*xv.shape)[0])
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------

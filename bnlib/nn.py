@@ -385,6 +385,29 @@ class BatchNormFunction(_TrainingFunction):
         return y_t, None, None
 
 
+class _EagerBatchNormFunction(BatchNormFunction):
+    """:class:`BatchNormFunction` in the old style (``forward(ctx, ...)``, no
+    ``setup_context``), for plain eager calls only: ``Function.apply`` then skips the
+    default-argument binding it does for every call of a Function with ``setup_context``
+    (about half of the Function's own overhead, measured by ``tools/profile_nn.py``).
+    Same forward, backward and ``jvp``; the module uses it only where no ``torch.func``
+    transform is active and nothing is being compiled (those need ``setup_context``)."""
+
+    setup_context = torch.autograd.function._SingleLevelFunction.setup_context
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, var = _forward_impl()(x, weight, bias, eps)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_forward(x, weight, mean, var)
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y, mean, var
+
+
 # Function.apply binds default arguments with inspect.signature on every call when
 # setup_context is defined (tens of microseconds per call); a precomputed signature,
 # which inspect.signature returns as it is, makes that cheap.
@@ -491,7 +514,12 @@ class _BatchNorm(_TorchBatchNorm):
             zeros, ones = input.new_zeros(C), input.new_ones(C)
             return _eval_forward(input, zeros, ones, self.weight, self.bias, self.eps)
 
-        function = _TrainingFunction if torch.compiler.is_compiling() else BatchNormFunction
+        if torch.compiler.is_compiling():
+            function: type[_TrainingFunction] = _TrainingFunction
+        elif torch._C._are_functorch_transforms_active():
+            function = BatchNormFunction
+        else:
+            function = _EagerBatchNormFunction
         y, mean, var = _apply(function, input, self.weight, self.bias, self.eps)
         if update_stats:
             self._update_running_stats(mean, var, input.numel() // input.shape[1])

@@ -20,9 +20,10 @@ def keep_threads():
 
 
 def test_tiny_run_json(capsys, keep_threads):
-    rows = bench.main(["--repeats", "1", "--shape", "4x3x5x5", "--shape", "6x4", "--json"])
+    argv = ["--repeats", "1", "--shape", "4x3x5x5", "--shape", "6x4", "--loops", "none"]
+    rows = bench.main([*argv, "--json"])
     out = json.loads(capsys.readouterr().out)
-    assert out["results"] == rows
+    assert out["results"] == rows and out["loops"] == []
     assert out["info"]["repeats"] == 1
     # train and eval, for NCHW, NHWC and (N, D): three implementations each
     cases = {(tuple(r["shape"]), r["layout"], r["mode"]) for r in rows}
@@ -36,7 +37,8 @@ def test_tiny_run_json(capsys, keep_threads):
 
 
 def test_table(capsys, keep_threads):
-    bench.main(["--repeats", "1", "--threads", "1", "--mode", "eval", "--shape", "3x2x4"])
+    argv = ["--repeats", "1", "--threads", "1", "--mode", "eval", "--shape", "3x2x4"]
+    bench.main([*argv, "--loops", "none"])
     out = capsys.readouterr().out
     assert "threads 1" in out and "% roofline" in out and "x native" in out
     assert torch.get_num_threads() == 1
@@ -100,3 +102,37 @@ def test_table_marks_inconsistent_rows(capsys, monkeypatch, keep_threads):
     out = capsys.readouterr().out
     assert out.count(" !\n") == 3  # one row per implementation
     assert "do not judge a target from these rows" in out
+
+
+@pytest.mark.parametrize("name", list(bench.LOOPS))
+def test_loop_models_are_the_same_network(name):
+    """The two loop models start from the same weights, differ only in their BN classes, and
+    compute the same loss and gradients (so the loop rows time the same work)."""
+    theirs, ours = bench.loop_models(name)
+    bn = torch.nn.modules.batchnorm._BatchNorm
+    bn_theirs = [m for m in theirs.modules() if isinstance(m, bn)]
+    bn_ours = [m for m in ours.modules() if isinstance(m, bn)]
+    assert bn_theirs and len(bn_theirs) == len(bn_ours)
+    assert all(type(m).__module__ == "torch.nn.modules.batchnorm" for m in bn_theirs)
+    assert all(type(m).__module__ == "bnlib.nn" for m in bn_ours)
+    _, shape = bench.LOOPS[name]
+    x = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(0))
+    target = torch.arange(4) % 10
+    losses, grads = [], []
+    for model in (theirs, ours):
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert abs(losses[0] - losses[1]) < 1e-5
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+
+
+def test_loop_rows(capsys, keep_threads):
+    argv = ["--repeats", "1", "--threads", "1", "--mode", "train", "--shape", "3x2x4"]
+    rows = bench.main([*argv, "--loops", "mlp 256x784"])
+    loops = [r for r in rows if "loop" in r]
+    assert [r["implementation"] for r in loops] == ["bnlib.nn", bench.NATIVE]
+    assert all(r["median_ms"] > 0 and r["mode"] == "train" for r in loops)
+    assert loops[1]["x_native"] == 1.0
+    assert "whole loop" in capsys.readouterr().out
