@@ -26,6 +26,13 @@ of a shared machine hits all of them alike. Columns:
   write ``y``). The copy writes half the bytes it moves, the training step a
   quarter; writes usually cost more than reads, so a fused training step can
   reach about 100 % or slightly more of this roofline.
+- ``faults``: minor page faults per call: pages the memory allocator (glibc's malloc)
+  had returned to the system when a large tensor was freed and takes back for the next one;
+  the system zeroes each such page, which on some machines (virtual machines especially)
+  costs microseconds per 4 KiB page and can outweigh the computation. How often it happens
+  depends on the order of allocations and frees, so it differs between implementations and
+  even between neighbouring rows; a row whose implementations differ in faults compares
+  allocators as much as kernels.
 - ``copy_GBps``: the bandwidth of the interleaved copy; ``reference_GBps``: the
   memory bandwidth of the run, :func:`copy_bandwidth` of a tensor larger than
   the caches, with the same estimator. ``consistent`` is true when the case's
@@ -48,6 +55,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -55,6 +63,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+try:
+    import resource
+except ImportError:  # not on Windows: no fault counts there
+    resource = None  # type: ignore[assignment]
 
 from . import kernels
 from . import nn as bnn
@@ -266,9 +279,12 @@ def bench_loop(name: str, mode: str, repeats: int, warmup: int = 3) -> list[dict
     slowest = max(_time(step, 1) for step in steps.values())
     inner = max(1, min(50, round(20e-3 / max(slowest, 1e-7))))
     times: dict[str, list[float]] = {k: [] for k in steps}
+    faults = dict.fromkeys(steps, 0)
     for _ in range(repeats):
         for k, step in steps.items():
+            f0 = _faults()
             times[k].append(_time(step, inner))
+            faults[k] += _faults() - f0
     rows = []
     for k, ts in times.items():
         q1, q3 = _quartiles(ts)
@@ -282,6 +298,7 @@ def bench_loop(name: str, mode: str, repeats: int, warmup: int = 3) -> list[dict
                 "q1_ms": q1 * 1e3,
                 "q3_ms": q3 * 1e3,
                 "x_native": statistics.median(ratios),
+                "faults_per_call": _per_call(faults[k], repeats * inner),
                 "consistent": q3 <= AGREE * q1,
             }
         )
@@ -293,6 +310,19 @@ def _time(step: Callable[[], Any], inner: int) -> float:
     for _ in range(inner):
         step()
     return (time.perf_counter() - t0) / inner
+
+
+def _faults() -> int:
+    """Minor page faults of this process so far: each is a page of memory the allocator had
+    handed back to the system and takes again, which the kernel must zero."""
+    if resource is None:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _per_call(faults: int, calls: int) -> float:
+    """Faults per call (NaN where the platform does not count them)."""
+    return math.nan if resource is None else faults / calls
 
 
 def copy_bandwidth(numel: int = REFERENCE_NUMEL, repeats: int = 15) -> dict[str, float]:
@@ -337,9 +367,12 @@ def bench_case(
     slowest = max(_time(step, 1) for step in steps.values())
     inner = max(1, min(100, round(2e-3 / max(slowest, 1e-7))))
     times: dict[str, list[float]] = {name: [] for name in steps}
+    faults = dict.fromkeys(steps, 0)
     for _ in range(repeats):
         for name, step in steps.items():
+            f0 = _faults()
             times[name].append(_time(step, inner))
+            faults[name] += _faults() - f0
     rows = []
     passes = PASSES[mode]
     nbytes = torch.Size(shape).numel() * 4
@@ -366,6 +399,7 @@ def bench_case(
                 "pct_roofline": 100 * statistics.median(roof),
                 "copy_GBps": copy_GBps,
                 "reference_GBps": reference_GBps,
+                "faults_per_call": _per_call(faults[name], repeats * inner),
                 "consistent": consistent,
             }
         )
@@ -470,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     head = (
         f"{'mode':5} {'shape':17} {'layout':13} {'implementation':17} "
         f"{'median ms':>9} {'quartiles ms':>15} {'x native':>8} {'% roofline':>10} {'copy GB/s':>9}"
+        f" {'faults':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -478,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print(
             f"{r['mode']:5} {'x'.join(map(str, r['shape'])):17} {r['layout']:13} "
             f"{r['implementation']:17} {r['median_ms']:9.3f} {spread:>15} {r['x_native']:8.2f} "
-            f"{r['pct_roofline']:10.0f} {r['copy_GBps']:9.1f}" + ("" if r["consistent"] else " !")
+            f"{r['pct_roofline']:10.0f} {r['copy_GBps']:9.1f} {r['faults_per_call']:6.0f}"
+            + ("" if r["consistent"] else " !")
         )
     if not all(r["consistent"] for r in rows):
         print(
@@ -490,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print()
         head = (
             f"{'mode':5} {'whole loop':31} {'implementation':17} "
-            f"{'median ms':>9} {'quartiles ms':>15} {'x native':>8}"
+            f"{'median ms':>9} {'quartiles ms':>15} {'x native':>8} {'faults':>6}"
         )
         print(head)
         print("-" * len(head))
@@ -498,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             spread = f"{r['q1_ms']:.2f}-{r['q3_ms']:.2f}"
             print(
                 f"{r['mode']:5} {r['loop']:31} {r['implementation']:17} {r['median_ms']:9.2f}"
-                f" {spread:>15} {r['x_native']:8.2f}" + ("" if r["consistent"] else " !")
+                f" {spread:>15} {r['x_native']:8.2f} {r['faults_per_call']:6.0f}"
+                + ("" if r["consistent"] else " !")
             )
         if not all(r["consistent"] for r in loops):
             print(f"! quartiles more than {AGREE:g}x apart: the machine changed speed; rerun")

@@ -30,6 +30,7 @@ def test_tiny_run_json(capsys, keep_threads):
     assert len(cases) == 6
     for r in rows:
         assert r["median_ms"] > 0 and r["pct_roofline"] > 0 and r["copy_GBps"] > 0
+        assert r["faults_per_call"] >= 0
         if r["implementation"] == bench.NATIVE:
             assert r["x_native"] == 1.0
     names = {r["implementation"] for r in rows}
@@ -134,5 +135,16 @@ def test_loop_rows(capsys, keep_threads):
     loops = [r for r in rows if "loop" in r]
     assert [r["implementation"] for r in loops] == ["bnlib.nn", bench.NATIVE]
     assert all(r["median_ms"] > 0 and r["mode"] == "train" for r in loops)
+    assert all(r["faults_per_call"] >= 0 for r in loops)
     assert loops[1]["x_native"] == 1.0
     assert "whole loop" in capsys.readouterr().out
+
+
+def test_faults_count_fresh_pages():
+    """The fault counter sees pages taken from the system: writing a new 64 MiB tensor (above
+    glibc's largest mmap threshold, 32 MiB, so always fresh memory) faults at least 32 times
+    (16384 with 4 KiB pages, 32 with 2 MiB huge pages)."""
+    f0 = bench._faults()
+    buf = torch.ones(1 << 24)
+    assert bench._faults() - f0 >= 32
+    del buf
