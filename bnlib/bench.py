@@ -273,18 +273,7 @@ def bench_loop(name: str, mode: str, repeats: int, warmup: int = 3) -> list[dict
     per-repeat ratios. No roofline: a loop is mostly convolutions and matrix products.
     """
     steps = _loop_steps(name, mode)
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    slowest = max(_time(step, 1) for step in steps.values())
-    inner = max(1, min(50, round(20e-3 / max(slowest, 1e-7))))
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    faults = dict.fromkeys(steps, 0)
-    for _ in range(repeats):
-        for k, step in steps.items():
-            f0 = _faults()
-            times[k].append(_time(step, inner))
-            faults[k] += _faults() - f0
+    times, faults, inner = _interleaved(steps, repeats, warmup, 20e-3, 50)
     rows = []
     for k, ts in times.items():
         q1, q3 = _quartiles(ts)
@@ -303,6 +292,27 @@ def bench_loop(name: str, mode: str, repeats: int, warmup: int = 3) -> list[dict
             }
         )
     return rows
+
+
+def _interleaved(
+    steps: dict[str, Callable[[], Any]], repeats: int, warmup: int, sample_s: float, most: int
+) -> tuple[dict[str, list[float]], dict[str, int], int]:
+    """Warm every step up, then time them in turns: ``repeats`` samples each of ``inner``
+    calls (enough for about ``sample_s`` seconds with the slowest step, at most ``most``).
+    Returns the per-call times, the page faults of all samples, and ``inner``."""
+    for step in steps.values():  # compile, allocate, fault pages in
+        for _ in range(warmup):
+            step()
+    slowest = max(_time(step, 1) for step in steps.values())
+    inner = max(1, min(most, round(sample_s / max(slowest, 1e-7))))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    faults = dict.fromkeys(steps, 0)
+    for _ in range(repeats):
+        for name, step in steps.items():
+            f0 = _faults()
+            times[name].append(_time(step, inner))
+            faults[name] += _faults() - f0
+    return times, faults, inner
 
 
 def _time(step: Callable[[], Any], inner: int) -> float:
@@ -360,19 +370,7 @@ def bench_case(
     if reference_GBps is None:
         reference_GBps = copy_bandwidth(repeats=max(repeats, 5))["GBps"]
     steps = _steps(shape, channels_last, mode)
-    for step in steps.values():  # compile, allocate, fault pages in
-        for _ in range(warmup):
-            step()
-    # calls per sample: enough for about 2 ms with the slowest implementation
-    slowest = max(_time(step, 1) for step in steps.values())
-    inner = max(1, min(100, round(2e-3 / max(slowest, 1e-7))))
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    faults = dict.fromkeys(steps, 0)
-    for _ in range(repeats):
-        for name, step in steps.items():
-            f0 = _faults()
-            times[name].append(_time(step, inner))
-            faults[name] += _faults() - f0
+    times, faults, inner = _interleaved(steps, repeats, warmup, 2e-3, 100)
     rows = []
     passes = PASSES[mode]
     nbytes = torch.Size(shape).numel() * 4

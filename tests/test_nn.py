@@ -679,3 +679,21 @@ def test_convert_bare_bn_root(kind, device):
         assert w.dtype == v.dtype and w.device == v.device and torch.equal(w, v), k
     # a bnlib module is left as it is
     assert bnn.convert(new) is new
+
+
+def test_eager_function_matches_the_transform_ready_function():
+    """The module's plain eager path (the old-style Function) gives the same bits as
+    BatchNormFunction, forward and backward."""
+    x = make_input((3, C, 2, 3)).requires_grad_()
+    w = torch.linspace(0.5, 1.5, C, dtype=torch.float64).requires_grad_()
+    b = torch.linspace(-1, 1, C, dtype=torch.float64).requires_grad_()
+    dy = make_input((3, C, 2, 3), seed=1)
+    results = []
+    for fn in (bnn._EagerBatchNormFunction, bnn.BatchNormFunction):
+        y, mean, var = fn.apply(x, w, b, 1e-5)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+        results.append((y, mean, var, *grads))
+    for ours, ref in zip(*results, strict=True):
+        assert torch.equal(ours, ref)
+    y = bnn.BatchNorm2d(C, dtype=torch.float64)(x)
+    assert type(y.grad_fn).__name__.startswith("_EagerBatchNormFunction")
