@@ -7,6 +7,8 @@ They live in a module, not in the notebook, because the processes that
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 from typing import Any, cast
 
 import torch
@@ -17,7 +19,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import functional as F
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 
-__all__ = ["PerDeviceBatchNorm", "chapter_world", "digits", "make_model", "sync_check", "train"]
+__all__ = [
+    "PerDeviceBatchNorm",
+    "chapter_world",
+    "digits",
+    "layer_latency",
+    "make_model",
+    "sync_check",
+    "train",
+]
 
 
 @functools.cache
@@ -239,6 +249,33 @@ def sync_check(rank: int, sizes: list[int]) -> dict[str, Tensor]:
     }
 
 
+def layer_latency(reps: int = 100, channels: int = 64, per: int = 8) -> dict[str, float]:
+    """Median seconds per training forward of one small BN layer: SyncBatchNorm against
+    ``torch.nn.BatchNorm1d`` on the same ``(per, channels)`` input, and one bare ``all_gather``
+    of SyncBatchNorm's message (``2 * channels + 2`` float32 numbers). Timing: vary with the
+    machine; the chapter prints them in a cell whose output is not compared."""
+    x = torch.randn(per, channels, generator=torch.Generator().manual_seed(0))
+    sync, local = SyncBatchNorm(channels), torch.nn.BatchNorm1d(channels)
+    message = torch.zeros(2 * channels + 2)
+    parts = [torch.empty_like(message) for _ in range(dist.get_world_size())]
+
+    def median_time(step: Any) -> float:
+        times = []
+        for i in range(reps + 20):
+            dist.barrier()  # every rank starts the call together
+            t0 = time.perf_counter()
+            step()
+            if i >= 20:  # the first calls warm up
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return {
+        "sync": median_time(lambda: sync(x)),
+        "local": median_time(lambda: local(x)),
+        "all_gather": median_time(lambda: dist.all_gather(parts, message)),
+    }
+
+
 def chapter_world(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
     """Everything the chapter runs in its world of processes, in one launch."""
     out: dict[str, Any] = {
@@ -256,4 +293,5 @@ def chapter_world(rank: int, world: int, config: dict[str, Any]) -> dict[str, An
         rank, world, "per-device", seed, per, steps, world, sync_buffers=False, data=data
     )
     out["sync"] = train(rank, world, "sync", seed, per, steps, world, data=data)
+    out["latency"] = layer_latency()
     return out

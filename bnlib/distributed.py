@@ -10,8 +10,11 @@ Forward pass, per channel. Each rank computes its count, mean and sum of
 squared deviations, :math:`(n_r, \\mu_r, M_r)` with
 :math:`M_r = \\sum_{i \\in r}(x_i - \\mu_r)^2`, by the same arithmetic as
 :func:`bnlib.functional.batch_norm_forward` (``torch.var_mean``). One
-``all_gather`` collects the ``W`` triples, and every rank merges them with the
-pairwise formula of Chan, Golub and LeVeque (:func:`merge_moments`):
+``all_gather`` collects the ``W`` messages (per rank ``2C + 2`` numbers: the
+``C`` means, the ``C`` values of ``M_r`` and the count, sent once and split in two
+halves that float32 holds exactly; float32 unless the input is float64), and
+every rank merges them in float64 with the formula of Chan, Golub and LeVeque
+(:func:`merge_moments`), whose pairwise step is
 
 .. math::
 
@@ -20,7 +23,9 @@ pairwise formula of Chan, Golub and LeVeque (:func:`merge_moments`):
     \\mu = \\mu_a + \\delta\\,\\frac{n_b}{n}, \\qquad
     M = M_a + M_b + \\delta^2\\,\\frac{n_a n_b}{n} .
 
-The global biased variance is :math:`\\sigma^2 = M/n`, and the output is
+Folded over the ``W`` parts it is the closed form
+:math:`M = \\sum_r M_r + \\sum_r n_r(\\mu_r-\\mu)^2`, computed as one vectorised
+expression. The global biased variance is :math:`\\sigma^2 = M/n`, and the output is
 :math:`y = \\gamma (x - \\mu)/\\sqrt{\\sigma^2 + \\epsilon} + \\beta`, the formula of
 :mod:`bnlib.functional` with global statistics. A plain sum of squares
 (:math:`\\sum x^2 - n\\mu^2`) is never formed: it cancels catastrophically when
@@ -49,7 +54,7 @@ call the forward (and, when the input needs a gradient, the backward) of every
 ``SyncBatchNorm`` layer the same number of times, in the same order, even a
 rank whose batch is empty.
 
-:func:`run_world` starts a world of local processes (gloo on 127.0.0.1) and
+:func:`run_world` starts a world of local processes (gloo on the loopback interface) and
 collects what each returns; the tests and the book's chapter use it. On a GPU
 cluster the same code runs under ``torchrun`` with the NCCL backend (not tested
 here: the book's machines have no GPU).
@@ -60,7 +65,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
-import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -98,7 +103,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)  # computed in float32, as torc
 
 
 def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge per-part moments into the moments of the union (Chan et al.'s pairwise update).
+    """Merge per-part moments into the moments of the union (Chan et al.'s update, all at once).
 
     Parameters
     ----------
@@ -116,43 +121,70 @@ def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tens
 
     Notes
     -----
-    Parts are folded in one at a time with
-    :math:`\\mu = \\mu_a + \\delta\\, n_b/n` and
-    :math:`M = M_a + M_b + \\delta^2 n_a n_b / n`, :math:`\\delta = \\mu_b - \\mu_a`.
-    Every term is a sum of non-negative numbers or a difference of two means,
-    so nothing cancels the way :math:`\\sum x^2 - n\\mu^2` does.
+    Folding Chan's pairwise update
+    :math:`\\mu = \\mu_a + \\delta\\, n_b/n`,
+    :math:`M = M_a + M_b + \\delta^2 n_a n_b / n` over the parts gives the
+    closed form computed here, one vectorised expression over the ``W`` parts
+    (no Python loop over ranks):
+
+    .. math::
+
+        n = \\sum_r n_r, \\qquad \\mu = \\sum_r \\frac{n_r}{n}\\mu_r, \\qquad
+        M = \\sum_r M_r + \\sum_r n_r (\\mu_r - \\mu)^2 .
+
+    Every term of :math:`M` is non-negative and :math:`\\mu_r - \\mu` is a
+    difference of two means, so nothing cancels the way
+    :math:`\\sum x^2 - n\\mu^2` does.
     """
     if not (count.shape == mean.shape == m2.shape) or count.dim() != 2:
         raise ValueError(
             "count, mean and m2 must have the same 2D shape (parts, channels), got "
             f"{tuple(count.shape)}, {tuple(mean.shape)}, {tuple(m2.shape)}"
         )
-    n_a, mu_a, m2_a = count[0], mean[0], m2[0]
-    for n_b, mu_b, m2_b in zip(count[1:], mean[1:], m2[1:], strict=True):
-        n = n_a + n_b
-        w_b = n_b / torch.clamp(n, min=1)  # n_b / n; 0 when both parts are empty
-        delta = mu_b - mu_a
-        mu_a = mu_a + delta * w_b
-        m2_a = m2_a + m2_b + delta * delta * n_a * w_b
-        n_a = n
-    return n_a, mu_a, m2_a
+    n = count.sum(0)
+    weight = count / torch.clamp(n, min=1)  # n_r / n; 0 for an empty part (or an empty union)
+    mu = (weight * mean).sum(0)
+    deviation = mean - mu
+    m2_total = m2.sum(0) + (count * deviation * deviation).sum(0)
+    return n, mu, m2_total
 
 
-def _local_moments(x: Tensor, axes: tuple[int, ...]) -> Tensor:
-    """``(3, C)`` float64 tensor of this rank's count, mean and M2 per channel.
+_COUNT_SPLIT = 2**24  # float32 holds every integer below 2**24 exactly
+
+
+def _payload_dtype(x: Tensor) -> torch.dtype:
+    """float64 for float64 input; float32 otherwise (the local moments are float32 already)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _local_payload(x: Tensor, axes: tuple[int, ...]) -> Tensor:
+    """This rank's message: ``[mean (C), M2 (C), n_hi, n_lo]``, a ``(2C + 2,)`` tensor.
 
     ``torch.var_mean(correction=0)`` is what :mod:`bnlib.functional` uses for
-    torch tensors; ``M2 = n * var``. An empty batch gives count 0, mean 0, M2 0.
+    torch tensors; ``M2 = n * var``. The count is the same for every channel, so
+    it is sent once, split as ``n = n_hi * 2**24 + n_lo`` so that both halves are
+    exact in float32 for any count below ``2**48``. The dtype is that of the
+    local moments (float64 for float64 input, else float32): sending float32
+    moments in float64 would double the bytes and add no digit. An empty batch
+    sends mean 0, M2 0, count 0.
     """
     C = x.shape[1]
     n = x.numel() // C
-    stats = torch.zeros(3, C, dtype=torch.float64, device=x.device)
-    stats[0] = n
+    payload = torch.zeros(2 * C + 2, dtype=_payload_dtype(x), device=x.device)
     if n > 0:
         var, mean = torch.var_mean(x, dim=axes, correction=0)
-        stats[1] = mean.double()
-        stats[2] = var.double() * n
-    return stats
+        payload[:C] = mean
+        payload[C : 2 * C] = var.to(payload.dtype) * n
+    payload[2 * C] = n // _COUNT_SPLIT
+    payload[2 * C + 1] = n % _COUNT_SPLIT
+    return payload
+
+
+def _merge_payloads(gathered: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(W, 2C + 2)`` messages -> global count (C,), mean (C,), M2 (C,), merged in float64."""
+    parts = gathered.double()
+    counts = parts[:, 2 * C] * _COUNT_SPLIT + parts[:, 2 * C + 1]  # (W,), exact
+    return merge_moments(counts.unsqueeze(1).expand(-1, C), parts[:, :C], parts[:, C : 2 * C])
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
@@ -190,7 +222,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         axes = (0, *range(2, x.dim()))
         xf = x.float() if x.dtype in _LOW_PRECISION else x
-        local = _local_moments(xf, axes)
+        C = x.shape[1]
+        local = _local_payload(xf, axes)
         world = _group_size(group) if sync else 1
         if world > 1:
             parts = [torch.empty_like(local) for _ in range(world)]
@@ -198,14 +231,20 @@ class SyncBatchNormFunction(torch.autograd.Function):
             gathered = torch.stack(parts)
         else:
             gathered = local.unsqueeze(0)
-        count, mean, m2 = merge_moments(gathered[:, 0], gathered[:, 1], gathered[:, 2])
-        n = int(count[0].item()) if count.numel() else 0
-        if n == 1:
+        count, mean, m2 = _merge_payloads(gathered, C)
+        # The global count stays a tensor: reading it on the host would stall a CUDA stream
+        # once per layer. Only where that is free (CPU, or one process: the local shape) is
+        # the degenerate global batch of one value per channel checked.
+        n_host = x.numel() // max(C, 1) if world == 1 else None
+        if n_host is None and not count.is_cuda:
+            n_host = int(count[0]) if C else 0
+        if n_host == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got 1 value per "
                 f"channel in the global batch (local input size {list(x.shape)})"
             )
-        var = m2 / max(n, 1)
+        n = count[0] if C else count.new_zeros(())
+        var = m2 / torch.clamp(n, min=1)
         bshape = [1] * x.dim()
         bshape[1] = x.shape[1]
         mean_c = mean.to(xf.dtype).reshape(bshape)
@@ -214,8 +253,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         y = x_hat if weight is None else x_hat * weight.to(xf.dtype).reshape(bshape)
         if bias is not None:
             y = y + bias.to(xf.dtype).reshape(bshape)
-        ctx.save_for_backward(x, weight, mean_c, inv_std)
-        ctx.n, ctx.group, ctx.has_bias, ctx.world = n, group, bias is not None, world
+        ctx.save_for_backward(x, weight, mean_c, inv_std, n.to(xf.dtype))
+        ctx.group, ctx.has_bias, ctx.world = group, bias is not None, world
         ctx.mark_non_differentiable(mean, var, count)
         return y.to(x.dtype), mean, var, count
 
@@ -224,7 +263,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(
         ctx: Any, dy: Tensor, _dmean: Tensor, _dvar: Tensor, _dcount: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
-        x, weight, mean_c, inv_std = ctx.saved_tensors
+        x, weight, mean_c, inv_std, n = ctx.saved_tensors
         axes = (0, *range(2, x.dim()))
         low = x.dtype in _LOW_PRECISION
         xf = x.float() if low else x
@@ -234,11 +273,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
         sum_gx = (g * x_hat).sum(axes)
         dx = None
         if ctx.needs_input_grad[0]:
-            sums = torch.stack([sum_g, sum_gx]).double()
+            # in the dtype of the forward's message: float32 sums of float32 terms lose
+            # nothing by travelling in float32 (torch.nn.SyncBatchNorm sends float32 too)
+            sums = torch.stack([sum_g, sum_gx]).to(_payload_dtype(xf))
             if ctx.world > 1:
                 dist.all_reduce(sums, group=ctx.group)  # the backward's one collective
             bshape = mean_c.shape
-            n = ctx.n
             total_g = sums[0].to(xf.dtype).reshape(bshape)
             total_gx = sums[1].to(xf.dtype).reshape(bshape)
             scale = inv_std if weight is None else inv_std * weight.to(xf.dtype).reshape(bshape)
@@ -340,20 +380,24 @@ class SyncBatchNorm(_BatchNorm):
             input, self.weight, self.bias, self.eps, self.process_group, self.training
         )
         if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var, int(count[0].item()))
+            self._update_running_stats(mean, var, count[0] if count.numel() else count.sum())
         return y
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
+    def _update_running_stats(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
+        """Running averages with the global count ``n`` (a tensor: no host read, no CUDA sync)."""
         assert self.num_batches_tracked is not None
         assert self.running_mean is not None and self.running_var is not None
         self.num_batches_tracked.add_(1)
-        if n == 0:  # every rank empty: empty output, statistics unchanged (as torch)
-            return
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased_var = var * (n / (n - 1))  # the global count
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+        dtype = self.running_mean.dtype
+        present = (n > 0).to(dtype)  # every rank empty (n = 0): weight 0, no change (as torch)
+        if self.momentum is None:  # cumulative average
+            weight = present / self.num_batches_tracked.to(dtype)
+        else:
+            weight = present * self.momentum
+        unbiased_var = var * n / torch.clamp(n - 1, min=1)  # the global count
+        self.running_mean.lerp_(mean.to(dtype), weight)
+        self.running_var.lerp_(unbiased_var.to(dtype), weight)
 
 
 def convert_sync_batchnorm(
@@ -415,30 +459,28 @@ def _convert(module: Module, group: dist.ProcessGroup | None, memo: dict[int, Mo
 # ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _loopback_interface() -> str:
+    """The loopback interface's name, which gloo's sockets are pinned to: ``lo0`` on macOS."""
+    return "lo0" if sys.platform == "darwin" else "lo"
 
 
 def _entry(
     rank: int,
     fn: Callable[..., Any],
     world_size: int,
-    port: int,
+    store_file: str,
     collective_timeout: float,
     out_dir: str,
     args: tuple[Any, ...],
     backend: str,
 ) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     torch.set_num_threads(1)
     if backend == "nccl":  # one GPU per rank
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
         backend,
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{store_file}",  # rendezvous in a file: no port to race for
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=collective_timeout),
@@ -477,7 +519,9 @@ def run_world(
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` local processes; return their results.
 
-    Each process joins a process group (gloo by default) on 127.0.0.1 (a free port) with
+    Each process joins a process group (gloo by default, on the loopback interface; the
+    rendezvous is a file in a fresh temporary directory, so no port is chosen and none can be
+    taken by another program in between) with
     collective timeout ``collective_timeout`` seconds, runs with one thread, and
     returns a value that ``torch.save`` can store. ``fn`` must be importable by
     the new processes: a function defined in a module, not in a notebook.
@@ -522,10 +566,10 @@ def run_world(
     if start_method == "forkserver":  # takes effect when the server starts (once)
         multiprocessing.set_forkserver_preload(["torch", __name__, fn.__module__])
     with tempfile.TemporaryDirectory() as out_dir:
-        port = _free_port()
+        store_file = os.path.join(out_dir, "rendezvous")
         context = start_processes(  # type: ignore[no-untyped-call]
             _entry,
-            args=(fn, world_size, port, collective_timeout, out_dir, tuple(args), backend),
+            args=(fn, world_size, store_file, collective_timeout, out_dir, tuple(args), backend),
             nprocs=world_size,
             join=False,
             start_method=start_method,

@@ -587,3 +587,82 @@ def test_chapter_train_perturb_changes_the_start_by_the_given_relative_amount():
     rel = ((again - weight) / weight).abs()
     assert 1e-8 < float(rel.max()) < 1e-5 and float(rel.median()) > 1e-8
     assert torch.equal(plain[-1], moved[-1])  # buffers (num_batches_tracked) untouched
+
+
+@pytest.mark.parametrize(
+    ("dtype", "payload_dtype"),
+    [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ],
+)
+def test_forward_message_is_2c_plus_2_numbers_in_the_moments_dtype(
+    monkeypatch, dtype, payload_dtype
+):
+    """The all_gather sends C means, C values of M2 and the count once (two exact halves): 2C + 2
+    numbers, float32 unless the input is float64; the all_reduce sends 2C in the same dtype."""
+    import bnlib.distributed as bd
+
+    sent: list[tuple[str, int, torch.dtype]] = []
+
+    def all_gather(parts, local, group=None):
+        sent.append(("all_gather", local.numel(), local.dtype))
+        for p in parts:
+            p.copy_(local)
+
+    def all_reduce(t, group=None):
+        sent.append(("all_reduce", t.numel(), t.dtype))
+        t.mul_(2)
+
+    monkeypatch.setattr(bd, "_group_size", lambda group: 2)
+    monkeypatch.setattr(bd.dist, "all_gather", all_gather)
+    monkeypatch.setattr(bd.dist, "all_reduce", all_reduce)
+    C = 5
+    x = torch.randn(4, C, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x.requires_grad_(True)
+    SyncBatchNorm(C)(x).sum().backward()
+    assert sent == [("all_gather", 2 * C + 2, payload_dtype), ("all_reduce", 2 * C, payload_dtype)]
+
+
+def test_count_beyond_float32_integers_is_exact():
+    """A float32 message carries counts above 2**24 (not all exact in one float32) without loss."""
+    import bnlib.distributed as bd
+
+    C = 2
+    n_big = 2**24 + 1  # float32(2**24 + 1) == 2**24
+    parts = torch.zeros(2, 2 * C + 2, dtype=torch.float32)
+    for r, n in enumerate((n_big, 3)):
+        parts[r, 2 * C] = n // bd._COUNT_SPLIT
+        parts[r, 2 * C + 1] = n % bd._COUNT_SPLIT
+    count, _, _ = bd._merge_payloads(parts, C)
+    assert count.dtype == torch.float64
+    assert count.tolist() == [float(n_big + 3)] * C
+
+
+def test_training_step_reads_no_tensor_on_the_host(monkeypatch):
+    """No .item() / int(tensor) in forward, backward or the running-statistics update: on CUDA
+    each would stall the stream once per layer. (Before, the global count was read twice.)"""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    x = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    for momentum in (0.1, None):
+        bn = SyncBatchNorm(3, momentum=momentum)
+        with monkeypatch.context() as m:
+            for name in ("item", "__int__", "__float__", "__index__"):
+                m.setattr(torch.Tensor, name, refuse)
+            bn(x).sum().backward()
+        ref = torch.nn.BatchNorm1d(3, momentum=momentum)
+        ref(x.detach())
+        torch.testing.assert_close(bn.running_mean, ref.running_mean)
+        torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize(("platform", "name"), [("linux", "lo"), ("darwin", "lo0")])
+def test_gloo_is_pinned_to_the_platforms_loopback(monkeypatch, platform, name):
+    import bnlib.distributed as bd
+
+    monkeypatch.setattr(bd.sys, "platform", platform)
+    assert bd._loopback_interface() == name
