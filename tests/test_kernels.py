@@ -399,3 +399,24 @@ def test_torch_thread_count_is_left_alone(monkeypatch, threads):
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_block_stats_keeps_its_correction_under_fastmath():
+    """The statistics kernels may reassociate sums (fastmath 'reassoc'); that must not let the
+    compiler drop the two-pass correction d = sum(v - first_mean). Adversarial block: float32
+    values 2**24 + 2k, whose float32 sum rounds (partial sums pass 2**25, where the spacing is 4),
+    so the first mean is off by more than the spread, and M2 without the correction is far off
+    in any summation order (checked below for numpy's pairwise and a sequential sum)."""
+    rng = np.random.default_rng(0)
+    v = (2.0**24 + 2 * rng.integers(0, 8, size=kernels.BLOCK)).astype(np.float32)
+    v64 = v.astype(np.float64)
+    true_m2 = float(((v64 - v64.mean()) ** 2).sum())
+    sequential = np.float32(0)
+    for value in v:
+        sequential = np.float32(sequential + value)
+    for first_mean in (v.sum(dtype=np.float32) / np.float32(v.size), sequential / v.size):
+        uncorrected = float(((v64 - float(first_mean)) ** 2).sum())
+        assert abs(uncorrected / true_m2 - 1) > 1e-2  # the data defeats an uncorrected pass
+    mean, m2 = kernels.block_stats(v)
+    assert abs(mean - v64.mean()) < 1e-3 * np.sqrt(true_m2 / v.size)
+    assert abs(m2 / true_m2 - 1) < 1e-4
