@@ -232,18 +232,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
         else:
             gathered = local.unsqueeze(0)
         count, mean, m2 = _merge_payloads(gathered, C)
-        # The global count stays a tensor: reading it on the host would stall a CUDA stream
-        # once per layer. Only where that is free (CPU, or one process: the local shape) is
-        # the degenerate global batch of one value per channel checked.
-        n_host = x.numel() // max(C, 1) if world == 1 else None
-        if n_host is None and not count.is_cuda:
-            n_host = int(count[0]) if C else 0
+        # The global count stays a tensor: reading it on the host would stall an accelerator's
+        # stream once per layer. Only where that is free (one process: the local shape; or a
+        # CPU tensor) is the degenerate global batch of one value per channel checked; on an
+        # accelerator with several processes it is not, as in torch.nn.SyncBatchNorm.
+        n_host = x.numel() // C if world == 1 else None
+        if n_host is None and count.device.type == "cpu":
+            n_host = int(count[0])
         if n_host == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got 1 value per "
                 f"channel in the global batch (local input size {list(x.shape)})"
             )
-        n = count[0] if C else count.new_zeros(())
+        n = count[0]
         var = m2 / torch.clamp(n, min=1)
         bshape = [1] * x.dim()
         bshape[1] = x.shape[1]
@@ -273,8 +274,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         sum_gx = (g * x_hat).sum(axes)
         dx = None
         if ctx.needs_input_grad[0]:
-            # in the dtype of the forward's message: float32 sums of float32 terms lose
-            # nothing by travelling in float32 (torch.nn.SyncBatchNorm sends float32 too)
+            # in the dtype of the forward's message: the local sums of a float32 input are
+            # float32 numbers already, so float32 on the wire rounds nothing more away (the
+            # sum of the W messages is rounded in float32, as torch.nn.SyncBatchNorm does)
             sums = torch.stack([sum_g, sum_gx]).to(_payload_dtype(xf))
             if ctx.world > 1:
                 dist.all_reduce(sums, group=ctx.group)  # the backward's one collective
@@ -338,6 +340,11 @@ class SyncBatchNorm(_BatchNorm):
     Inputs ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``,
     in any memory format (``channels_last`` included); float16 and bfloat16 are
     computed in float32.
+
+    A global batch of one value per channel raises ``ValueError`` with one process
+    or on CPU; on an accelerator with several processes the check would need a
+    host read of the merged count (a stream stall per layer), so there, as in
+    :class:`torch.nn.SyncBatchNorm`, it is not made.
     """
 
     def __init__(
@@ -380,12 +387,18 @@ class SyncBatchNorm(_BatchNorm):
             input, self.weight, self.bias, self.eps, self.process_group, self.training
         )
         if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var, count[0] if count.numel() else count.sum())
+            self._update_running_stats(mean, var, count[0])
         return y
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
-        """Running averages with the global count ``n`` (a tensor: no host read, no CUDA sync)."""
+        """Running averages with the global count ``n`` (a tensor: no host read, no CUDA sync).
+
+        As in torch, ``num_batches_tracked`` counts every training forward, an all-empty
+        global batch included (which leaves the averages unchanged), so with
+        ``momentum=None`` such a step still lowers the weight of later batches. Float16
+        or bfloat16 buffers receive the update rounded to their precision.
+        """
         assert self.num_batches_tracked is not None
         assert self.running_mean is not None and self.running_var is not None
         self.num_batches_tracked.add_(1)

@@ -858,6 +858,11 @@ def _check_features(x: Tensor, num_features: int) -> None:
         raise NotImplementedError(
             f"batch_norm is not implemented for {x.dtype} input (floating point only)"
         )
+    if x.dim() < 2 or x.shape[1] == 0:  # torch fails here with an IndexError deep inside
+        raise ValueError(
+            f"expected an input with at least one channel (dimension 1), got input of size "
+            f"{list(x.shape)}"
+        )
     if x.shape[1] != num_features:
         raise RuntimeError(
             f"expected input with {num_features} channels (num_features), "

@@ -127,6 +127,23 @@ def test_channel_count_mismatch(kind, channels, config, training, device):
     check_raises(ref, bn, x, RuntimeError, r"(?i)channel", torch_raises=torch_raises)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("module", ["BatchNorm1d", "SyncBatchNorm"])
+def test_zero_channels_is_a_value_error(module, config, training):
+    """num_features = 0: torch fails with an IndexError deep in its kernel; bnlib names the
+    problem (it used to divide by zero while counting the values per channel)."""
+    from bnlib.distributed import SyncBatchNorm
+
+    cls = bnn.BatchNorm1d if module == "BatchNorm1d" else SyncBatchNorm
+    bn = cls(0, dtype=torch.float64, **CONFIGS[config]).train(training)
+    before = state_snapshot(bn)
+    for shape in ((4, 0), (4, 0, 3)):
+        with pytest.raises(ValueError, match=r"at least one channel.*\[4, 0"):
+            bn(torch.randn(shape, dtype=torch.float64))
+    assert_same_state(before, state_snapshot(bn))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("eps", [0.0, -1e-3], ids=["zero", "negative"])
 @pytest.mark.parametrize("config", list(CONFIGS))
