@@ -405,8 +405,8 @@ def test_block_stats_keeps_its_correction_under_fastmath():
     """The statistics kernels may reassociate sums (fastmath 'reassoc'); that must not let the
     compiler drop the two-pass correction d = sum(v - first_mean). Adversarial block: float32
     values 2**24 + 2k, whose float32 sum rounds (partial sums pass 2**25, where the spacing is 4),
-    so the first mean is off by more than the spread, and M2 without the correction is far off
-    in any summation order (checked below for numpy's pairwise and a sequential sum)."""
+    so the first mean is off by a sizeable fraction of the spread, and M2 without the correction
+    is far off in any summation order (checked below for numpy's pairwise and a sequential sum)."""
     rng = np.random.default_rng(0)
     v = (2.0**24 + 2 * rng.integers(0, 8, size=kernels.BLOCK)).astype(np.float32)
     v64 = v.astype(np.float64)
