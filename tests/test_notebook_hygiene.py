@@ -1,6 +1,7 @@
 """Every notebook in book/ passes the hygiene rules of tests/hygiene.py, and the rules bite."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,33 @@ def test_broken_fixture_is_rejected(fixture: str, message: str) -> None:
 
 def test_fixtures_do_not_sit_in_book() -> None:
     assert not any("fixtures" in p.parts for p in book_notebooks())
+
+
+CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]+)`")
+BIB_KEY = re.compile(r"^@\w+\{([^,\s]+),", re.MULTILINE)
+
+
+def cited_keys(text: str) -> set[str]:
+    text = re.sub(r"``.*?``", "", text)  # a role shown as code (``{cite}`key` ``) cites nothing
+    return {k.strip() for m in CITE.finditer(text) for k in m.group(1).split(",")}
+
+
+def test_every_cited_key_is_in_the_bibliography() -> None:
+    """A {cite} key missing from references.bib fails the (slow) book build; this finds it in
+    a second, and names the page."""
+    keys = set(BIB_KEY.findall((ROOT / "references.bib").read_text(encoding="utf-8")))
+    pages = [*book_notebooks(), *sorted((ROOT / "book").glob("*.md"))]
+    missing = {}
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        if page.suffix == ".ipynb":
+            text = "\n".join("".join(c["source"]) for c in load(page)["cells"])
+        unknown = cited_keys(text) - keys
+        if unknown:
+            missing[str(page.relative_to(ROOT))] = sorted(unknown)
+    assert not missing, f"cited but not in references.bib: {missing}"
+
+
+def test_cited_keys_reads_every_form() -> None:
+    text = "see {cite}`a2000x` and {cite:p}`b2001y, c2002z` and {cite:t}`d`, not `` {cite}`e` ``"
+    assert cited_keys(text) == {"a2000x", "b2001y", "c2002z", "d"}
