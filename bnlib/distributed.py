@@ -394,8 +394,8 @@ class SyncBatchNorm(_BatchNorm):
     def _update_running_stats(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
         """Running averages with the global count ``n`` (a tensor: no host read, no CUDA sync).
 
-        As in torch, ``num_batches_tracked`` counts every training forward, an all-empty
-        global batch included (which leaves the averages unchanged), so with
+        As torch's BatchNorm does, ``num_batches_tracked`` counts every training forward,
+        an all-empty global batch included (which leaves the averages unchanged), so with
         ``momentum=None`` such a step still lowers the weight of later batches. Float16
         or bfloat16 buffers receive the update rounded to their precision.
         """
