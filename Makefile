@@ -75,19 +75,17 @@ book: install
 test:
 	@rm -f $(TIMINGS)
 	@$(call timed,install,$(MAKE) --no-print-directory install)
-	@$(call timed,chromium,$(MAKE) --no-print-directory chromium)
-	@$(call timed,lint,$(MAKE) --no-print-directory lint)
-	@# nbval (one process per CPU setting, each notebook on one torch thread) runs in the
-	@# background while the unit tests, the book build and the browser test run in the
-	@# foreground: the book renders the stored outputs, so it does not wait for nbval, and
-	@# the two cores stay busy. Every step runs even if an earlier one fails; any failure
-	@# fails make test. nbval's report is printed at the end.
+	@# nbval (one process per CPU setting, each notebook on one torch thread), the longest
+	@# step, runs in the background while chromium's check, lint, the unit tests, the book
+	@# build and the browser test run in the foreground: the book renders the stored
+	@# outputs, so it does not wait for nbval, and the two cores stay busy. Every step runs
+	@# even if an earlier one fails; any failure fails make test. nbval's report comes last.
 	@mkdir -p _build; \
 	( t0=$$(date +%s); rc=0; $(MAKE) --no-print-directory nbval > _build/nbval.log 2>&1 || rc=$$?; \
 	  echo "[time] nbval (beside the steps below): $$(( $$(date +%s) - t0 )) s" >> $(TIMINGS); \
 	  exit $$rc ) & nbval_pid=$$!; \
 	fail=""; \
-	for step in "unit tests:unit" "book build:build" "browser test:browser"; do \
+	for step in "chromium:chromium" "lint:lint" "unit tests:unit" "book build:build" "browser test:browser"; do \
 		t0=$$(date +%s); $(MAKE) --no-print-directory $${step#*:} || fail="$$fail $${step%%:*}"; \
 		line="[time] $${step%%:*}: $$(( $$(date +%s) - t0 )) s"; echo "$$line"; echo "$$line" >> $(TIMINGS); \
 	done; \
