@@ -75,7 +75,7 @@ book: install
 test:
 	@rm -f $(TIMINGS)
 	@$(call timed,install,$(MAKE) --no-print-directory install)
-	@# nbval (one process per CPU setting, each notebook on one torch thread), the longest
+	@# nbval (two jobs at a time, each one notebook under one CPU setting), the longest
 	@# step, runs in the background while chromium's check, lint, the unit tests, the book
 	@# build and the browser test run in the foreground: the book renders the stored
 	@# outputs, so it does not wait for nbval, and the two cores stay busy. Every step runs
@@ -106,30 +106,22 @@ unit: install
 # Another CPU's code paths, emulated on this one: a committed output must not depend on
 # which vector kernels ATen picks, on MKL's and oneDNN's instruction sets, or on the CPU
 # Numba compiles bnlib's kernels for. `make nbval` checks every notebook under each of
-# NBVAL_SETTINGS at once (by default native and baseline, which keeps `make test` under 15
-# minutes on 2 cores; add avx2 for the third) (one torch thread per notebook, so the runs
-# share the cores), e.g. `make nbval NBVAL_SETTINGS="native baseline avx2" NB=book/cnn.ipynb`.
+# NBVAL_SETTINGS (by default native and baseline, which keeps `make test` under 15 minutes
+# on 2 cores; add avx2 for the third), one (setting, notebook) pair per job, NBVAL_WORKERS
+# jobs at a time (tools/nbval_pool.py; one torch thread per notebook),
+# e.g. `make nbval NBVAL_SETTINGS="native baseline avx2" NB=book/cnn.ipynb`.
 SETTING_native =
 SETTING_baseline = ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=SSE41 NUMBA_CPU_NAME=x86-64
 SETTING_avx2 = ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 NUMBA_CPU_NAME=haswell
 NBVAL_SETTINGS ?= native baseline
 
+NBVAL_WORKERS ?= 2
 nbval: install
 	@if [ -z "$(NOTEBOOKS)" ]; then echo "nbval: no notebooks in book/ yet, nothing to check"; exit 0; fi; \
-	mkdir -p _build; pids=""; \
-	for s in $(NBVAL_SETTINGS); do \
-		case $$s in native) e="$(SETTING_native)";; baseline) e="$(SETTING_baseline)";; \
-			avx2) e="$(SETTING_avx2)";; *) echo "unknown setting $$s (native, baseline, avx2)"; exit 2;; esac; \
-		echo "nbval [$$s]: env $$e $(PY) -m pytest $(NBVAL_FLAGS) $(NB)"; \
-		( t0=$$(date +%s); rc=0; env $$e $(PY) -m pytest $(NBVAL_FLAGS) $(NB) > _build/nbval-$$s.log 2>&1 || rc=$$?; \
-		  echo "[nbval $$s: exit $$rc, $$(( $$(date +%s) - t0 )) s]" >> _build/nbval-$$s.log; exit $$rc ) & \
-		pids="$$pids $$!"; \
-	done; \
-	fail=0; for p in $$pids; do wait $$p || fail=1; done; \
-	for s in $(NBVAL_SETTINGS); do echo "===== nbval [$$s] ====="; \
-		if grep -q "exit 0," _build/nbval-$$s.log; then tail -n 2 _build/nbval-$$s.log; else cat _build/nbval-$$s.log; fi; \
-	done; \
-	exit $$fail
+	for s in $(NBVAL_SETTINGS); do case $$s in native|baseline|avx2) ;; \
+		*) echo "unknown setting $$s (native, baseline, avx2)"; exit 2;; esac; done; \
+	$(PY) tools/nbval_pool.py --workers $(NBVAL_WORKERS) \
+		$(foreach s,$(NBVAL_SETTINGS),--setting $(s) "$(SETTING_$(s))") $(NB) -- $(NBVAL_FLAGS)
 
 # Jupyter Book's own command, nothing before it: MathJax is copied by the build itself
 # (tools/sphinx_book.py), and the browser test then checks that every chapter's math typesets
