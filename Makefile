@@ -106,8 +106,8 @@ unit: install
 # Another CPU's code paths, emulated on this one: a committed output must not depend on
 # which vector kernels ATen picks, on MKL's and oneDNN's instruction sets, or on the CPU
 # Numba compiles bnlib's kernels for. `make nbval` checks every notebook under each of
-# NBVAL_SETTINGS (by default native and baseline, which keeps `make test` under 15 minutes
-# on 2 cores; add avx2 for the third), one (setting, notebook) pair per job, NBVAL_WORKERS
+# NBVAL_SETTINGS (by default native and baseline; add avx2 for the third: each setting adds
+# 10 to 17 minutes of one-core job time), one (setting, notebook) pair per job, NBVAL_WORKERS
 # jobs at a time (tools/nbval_pool.py; one torch thread per notebook),
 # e.g. `make nbval NBVAL_SETTINGS="native baseline avx2" NB=book/cnn.ipynb`.
 SETTING_native =
